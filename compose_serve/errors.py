@@ -1,0 +1,65 @@
+"""Typed exceptions raised inside the library.
+
+Every error a user can cause names what was wrong (``param`` is the request field or config path).
+The HTTP layer maps these to OpenAI's error JSON in one function; nothing else converts them.
+"""
+
+from __future__ import annotations
+
+
+class ComposeError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequestError(ComposeError, ValueError):
+    """A request or sampling field is out of range or of the wrong kind (HTTP 400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ConfigError(ComposeError, ValueError):
+    """A composition config is invalid; ``param`` is the dotted path of the field."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus max_tokens exceed a member's context length."""
+
+
+class ModelNotFoundError(ComposeError):
+    """No composition or member is served under that name (HTTP 404)."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class QueueFullError(ComposeError):
+    """The waiting queue is at its bound (HTTP 429 with Retry-After)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadError(ComposeError):
+    """The engine's step loop has stopped; pending requests end with this error (HTTP 503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
