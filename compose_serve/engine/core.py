@@ -1,0 +1,219 @@
+"""The lockstep engine: every running sequence advances one token per step.
+
+``Engine.step()`` is the data flow:
+    1. score   every member decodes its live slots               K x [B_k, V]
+    2. fuse    the composition's method                           logprobs [B, V] float32
+    3. sample  one token per sequence                              tokens [B]
+    4. append  each sequence takes its token (text, log-probs)
+    5. stop    EOS / stop ids / stop strings / max_tokens; finished slots are released at once
+    6. emit    one TokenEvent per sequence
+``Engine.add(requests)`` admits new sequences at a step boundary: it prefills them (batched, per
+member) and runs steps 2-6 on the prefill scores, so a request's first token comes from ``add``.
+Running sequences are never re-prefilled. The scheduler (``engine/scheduler.py``) and the sync
+``generate`` below drive these two calls; nothing here knows about threads, HTTP or Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+
+from ..composition import Composition
+from ..errors import ContextLengthError, InvalidRequestError
+from ..members.base import Scores
+from ..sampling import Sampler, make_generator
+from .detokenizer import Detokenizer
+from .sequence import Completion, Request, Sequence, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Runs a composition over a batch of at most ``max_batch`` sequences (slots)."""
+
+    def __init__(self, composition: Composition, max_batch: int | None = None) -> None:
+        self.composition = composition
+        self.members = composition.members
+        self.method = composition.method
+        self.max_batch = max_batch or composition.spec.engine.max_batch
+        self.sampler = Sampler()
+        self.running: list[Sequence] = []
+        self._free_slots = list(range(self.max_batch - 1, -1, -1))
+        self.device = self.members[0].device
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    # -- admission ------------------------------------------------------------------------
+    def check(self, request: Request) -> list[float]:
+        """Validate a request against this composition; returns its row of method weights."""
+        ids = request.prompt_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.composition.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                                      param="prompt")
+        total = len(ids) + request.params.max_tokens
+        if total > self.composition.max_context:
+            raise ContextLengthError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) = {total} exceeds "
+                f"the context length {self.composition.max_context}", param="max_tokens")
+        request.params.check_vocab(vocab)
+        return self.method.row_weights(request.composition)
+
+    def add(self, requests: list[Request]) -> list[TokenEvent]:
+        """Prefill ``requests`` into free slots and produce each one's first token."""
+        if len(requests) > self.free_slots:
+            raise RuntimeError(f"{len(requests)} requests but only {self.free_slots} free slots")
+        seqs = [self._admit(r, self.check(r)) for r in requests]
+        nll = self.method.uses_prompt_nll
+        scores = []
+        for k, member in enumerate(self.members):
+            rows = [i for i, s in enumerate(seqs) if s.uses[k]]
+            prompts = [seqs[i].request.prompt_ids for i in rows]
+            scores.append((rows, member.prefill([seqs[i].slot for i in rows], prompts, nll) if rows else None))
+        if nll:
+            self._prompt_weights(seqs, scores)
+        self.running.extend(seqs)
+        return self._advance(seqs, scores)
+
+    def _admit(self, request: Request, weights: list[float]) -> Sequence:
+        params = request.params
+        return Sequence(
+            request=request,
+            slot=self._free_slots.pop(),
+            weights=torch.tensor(weights, dtype=torch.float32),
+            generator=make_generator(params.seed, device=self.device),
+            detokenizer=Detokenizer(self.composition.tokenizer, request.prompt_ids, params.stop),
+        )
+
+    def _prompt_weights(self, seqs: list[Sequence], scores) -> None:
+        """PackLLM: replace default weights by ``softmax(-CE_k(prompt) / tau)``."""
+        nll = torch.stack([sc.prompt_nll.float().cpu() for _, sc in scores], dim=1)  # [n, K]
+        weights = self.method.weights_from_prompt_nll(nll, self.method.tau)
+        for i, seq in enumerate(seqs):
+            if not seq.request.composition:  # a request's own weights win
+                seq.weights = weights[i]
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Advance every running sequence by one token (steps 1-6 of the class docstring)."""
+        if not self.running:
+            return []
+        last = torch.tensor([s.output_ids[-1] for s in self.running], device=self.device)  # [B]
+        scores = []
+        for k, member in enumerate(self.members):
+            rows = [i for i, s in enumerate(self.running) if s.uses[k]]
+            slots = [self.running[i].slot for i in rows]
+            scores.append((rows, member.decode(slots, last[rows]) if rows else None))
+        return self._advance(list(self.running), scores)
+
+    def _advance(self, seqs: list[Sequence], scores: list[tuple[list[int], Scores | None]]) -> list[TokenEvent]:
+        member_logits = [self._full_rows(rows, sc, len(seqs)) for rows, sc in scores]  # K x [B, V]
+        weights = torch.stack([s.weights for s in seqs]).to(self.device)  # [B, K]
+        fused = self.method.fuse(member_logits, weights)  # 2. fuse
+        out = self.sampler(  # 3. sample
+            fused.logprobs,
+            [s.request.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.request.prompt_ids for s in seqs],
+            [s.output_ids for s in seqs],
+        )
+        tokens = out.tokens.tolist()
+        chosen = out.chosen_logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        eff = fused.weights.float().cpu().tolist()
+        member_diag = self._member_diagnostics(scores)
+        events = []
+        for i, seq in enumerate(seqs):
+            n = seq.request.params.logprobs
+            top = None if n is None else list(zip(top_ids[i][:n], top_lps[i][:n], strict=True)) if n else []
+            diag = {"weights": dict(zip(self.method.member_names, eff[i], strict=True))}
+            for name, per_member in member_diag.items():
+                diag[name] = {m: v[i] for m, v in per_member.items() if i in v}
+            events.append(self._append(seq, tokens[i], chosen[i], top, diag))  # 4. append, 5. stop
+        self._release([s for s in seqs if s.finish_reason is not None])
+        return events  # 6. emit
+
+    def _full_rows(self, rows: list[int], scores: Scores | None, batch: int) -> torch.Tensor:
+        """A member's logits as ``[B, V]``: zeros where the member did not run (its weight is 0)."""
+        vocab = self.composition.vocab_size
+        if scores is None:
+            return torch.zeros((batch, vocab), device=self.device)
+        logits = scores.logits[:, :vocab]
+        if len(rows) == batch:
+            return logits
+        full = torch.zeros((batch, vocab), dtype=logits.dtype, device=logits.device)
+        full[rows] = logits
+        return full
+
+    def _member_diagnostics(self, scores) -> dict[str, dict[str, dict[int, float]]]:
+        """``{diagnostic: {member: {row: value}}}`` from the members' own Scores (e.g. gate_mean)."""
+        out: dict[str, dict[str, dict[int, float]]] = {}
+        for member, (rows, sc) in zip(self.members, scores, strict=True):
+            for name, values in (sc.diagnostics if sc is not None else {}).items():
+                out.setdefault(name, {})[member.name] = dict(zip(rows, values.float().cpu().tolist(), strict=True))
+        return out
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top, diag) -> TokenEvent:
+        params = seq.request.params
+        seq.output_ids.append(token)
+        eos = token in self.composition.eos_token_ids and not params.ignore_eos
+        if eos or token in params.stop_token_ids:
+            text, seq.finish_reason = seq.detokenizer.flush(), "stop"
+        else:
+            text, hit_stop = seq.detokenizer.push(token)
+            if hit_stop:
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= params.max_tokens:
+                text, seq.finish_reason = text + seq.detokenizer.flush(), "length"
+        return TokenEvent(seq.request_id, token, text, logprob, top, diag, seq.finish_reason)
+
+    # -- leaving --------------------------------------------------------------------------
+    def _release(self, finished: Iterable[Sequence]) -> None:
+        finished = list(finished)
+        if not finished:
+            return
+        gone = {s.slot for s in finished}
+        for member in self.members:
+            member.release([slot for slot in member.live_slots if slot in gone])
+        self.running = [s for s in self.running if s.slot not in gone]
+        self._free_slots.extend(gone)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a running request now and free its slot; False if it is not running."""
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = "abort"
+                self._release([seq])
+                return True
+        return False
+
+    # -- the library's one-call driver ----------------------------------------------------
+    def generate(self, requests: list[Request], on_event=None) -> list[Completion]:
+        """Run ``requests`` to completion, admitting waiting ones as slots free up.
+
+        Returns one Completion per request, in order. ``on_event`` sees every TokenEvent.
+        """
+        for r in requests:
+            self.check(r)  # fail before any work is done
+        results = {r.request_id: Completion(r.request_id, list(r.prompt_ids)) for r in requests}
+        waiting = deque(requests)
+        while waiting or self.running:
+            if waiting and self.free_slots:
+                admit = [waiting.popleft() for _ in range(min(self.free_slots, len(waiting)))]
+                events = self.add(admit)
+            else:
+                events = self.step()
+            for event in events:
+                results[event.request_id].add(event)
+                if on_event is not None:
+                    on_event(event)
+        return [results[r.request_id] for r in requests]

@@ -1,0 +1,60 @@
+"""The Member contract: anything that scores the next token for a batch of slots.
+
+A member keeps its own KV cache, one row per slot; the engine (its scheduler) owns slot numbers.
+
+- ``prefill(slots, token_ids, want=...) -> Scores``: start new sequences, ``token_ids`` one list
+  per slot; scores the token after each prompt. Scores rows follow ``slots``.
+- ``decode(slots, last_tokens [B]) -> Scores``: advance every listed slot by one token. ``slots``
+  must be exactly the member's live slots; their order is the order of the rows returned (a
+  member reorders its cache once when the order changes).
+- ``release(slots)``: forget those slots now; their memory is freed.
+
+``Scores.logits`` is ``[B, V]`` in the member's dtype; ``hidden`` ``[B, d]`` (final hidden state,
+after the last norm) when asked; ``prompt_nll`` ``[B]`` (mean next-token NLL over the prompt, for
+PackLLM weights) when asked at prefill; ``diagnostics`` maps a name to a ``[B]`` tensor (e.g. an
+IMSM member's mean gate).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Scores:
+    """One member's scores for a batch of slots."""
+
+    logits: torch.Tensor  # [B, V]
+    hidden: torch.Tensor | None = None  # [B, d]
+    prompt_nll: torch.Tensor | None = None  # [B]
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B]
+
+
+class Member(ABC):
+    """Scores the next token for a batch of slots; see the module docstring for the contract."""
+
+    name: str
+    tokenizer: object  # a transformers tokenizer
+    vocab_size: int  # width of the logits rows
+    max_context: int  # prompt + generated tokens a slot can hold
+    device: torch.device
+
+    @abstractmethod
+    def prefill(
+        self, slots: Sequence[int], token_ids: Sequence[Sequence[int]], want_prompt_nll: bool = False
+    ) -> Scores: ...
+
+    @abstractmethod
+    def decode(self, slots: Sequence[int], last_tokens: torch.Tensor) -> Scores: ...
+
+    @abstractmethod
+    def release(self, slots: Sequence[int]) -> None: ...
+
+    @property
+    @abstractmethod
+    def live_slots(self) -> list[int]:
+        """The slots this member holds, in its cache's row order."""

@@ -1,0 +1,87 @@
+"""A siamese member: one copy of the base, a PEFT adapter, both streams in ONE forward.
+
+Every slot owns two cache rows, ``(slot, "base")`` and ``(slot, "adapted")``, kept side by side.
+Each forward sends ``2B`` rows through the decoder with PEFT's per-row ``adapter_names``
+(``"__base__"`` for the frozen base), then the IMSM gate interweaves the two final hidden states
+``[B, 2, d]`` and the shared LM head runs once per slot: ``logits [B, V]``.
+At prefill the prompt means ``hq [B, 2, d]`` of both streams are computed once and kept per slot.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import ConfigError
+from ..methods.interweave import ImsmGate, interweave
+from .base import Scores
+from .hf import HFMember
+
+STREAMS = ("base", "adapted")
+
+
+class SiameseMember(HFMember):
+    """Base + adapter in one forward, fused by an IMSM gate (a module or a scalar g)."""
+
+    def __init__(self, name: str, peft_model, tokenizer, gate: ImsmGate | float, adapter_name: str = "default") -> None:
+        if not hasattr(peft_model, "peft_config"):
+            raise ConfigError(f"member {name!r}: a siamese member needs a PEFT adapter", param="adapter")
+        super().__init__(name, peft_model, tokenizer)
+        if any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "merged_adapters")):
+            raise ConfigError(f"member {name!r}: the adapter must not be merged in a siamese pair", param="adapter")
+        self.adapter_name = adapter_name
+        self.gate = gate.to(self.device) if isinstance(gate, ImsmGate) else gate
+        self.prompt_means: dict[int, torch.Tensor] = {}  # slot -> hq [2, d]
+        self.last_streams: torch.Tensor | None = None  # [B, 2, d] of the latest call, for inspection
+
+    @property
+    def live_slots(self) -> list[int]:
+        return [key[0] for key in self.kv.keys[::2]]
+
+    def _names(self, n_slots: int) -> list[str]:
+        """One adapter name per row, built to match the row count (PEFT leaves its hooks attached
+        when a call with a wrongly sized ``adapter_names`` raises)."""
+        return ["__base__", self.adapter_name] * n_slots
+
+    @torch.inference_mode()
+    def prefill(self, slots, token_ids, want_prompt_nll: bool = False) -> Scores:
+        doubled = [tokens for tokens in token_ids for _ in STREAMS]
+        ids, mask = self.pad_prompts(doubled)
+        cache = DynamicCache(config=self.config)
+        hidden = self.run_decoder(ids, mask, self.positions(mask), cache, self._names(len(slots)))
+        self.kv.extend(cache, mask, [(slot, s) for slot in slots for s in STREAMS])
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [2n, Lp, 1]
+        means = (hidden * weights).sum(1) / weights.sum(1)  # [2n, d], real tokens only
+        means = means.view(len(slots), 2, -1)
+        for slot, hq in zip(slots, means, strict=True):
+            self.prompt_means[slot] = hq
+        scores = self._fuse(hidden[:, -1], means)
+        if want_prompt_nll:  # the fused model's NLL is not defined per stream: use the adapted one
+            scores.prompt_nll = self.prompt_nll(hidden[1::2], ids[1::2], mask[1::2])
+        return scores
+
+    @torch.inference_mode()
+    def decode(self, slots, last_tokens: torch.Tensor) -> Scores:
+        self.kv.select([(slot, s) for slot in slots for s in STREAMS])
+        mask, positions = self.kv.step_inputs()
+        ids = last_tokens.view(-1, 1).to(self.device).repeat_interleave(2, dim=0)  # [2B, 1]
+        hidden = self.run_decoder(ids, mask, positions, self.kv.cache, self._names(len(slots)))
+        self.kv.advance(mask)
+        means = torch.stack([self.prompt_means[slot] for slot in slots])  # [B, 2, d]
+        return self._fuse(hidden[:, -1], means)
+
+    def release(self, slots) -> None:
+        self.kv.drop([(slot, s) for slot in slots for s in STREAMS])
+        for slot in slots:
+            self.prompt_means.pop(slot, None)
+
+    def _fuse(self, last_hidden: torch.Tensor, means: torch.Tensor) -> Scores:
+        """``last_hidden [2B, d]`` (rows base, adapted, base, ...), ``means [B, 2, d]``."""
+        streams = last_hidden.view(-1, 2, last_hidden.shape[-1])  # [B, 2, d]
+        self.last_streams = streams
+        fused, gate_mean = interweave(self.gate, means[:, 0], streams[:, 0], streams[:, 1], means[:, 1])
+        return Scores(logits=self.logits(fused), hidden=fused, diagnostics={"gate_mean": gate_mean})
+
+    def stream_logits(self) -> torch.Tensor:
+        """Logits of both streams of the latest call ``[B, 2, V]`` (tests and diagnostics)."""
+        return self.logits(self.last_streams)

@@ -1,0 +1,30 @@
+"""Product of experts / logit mixture (PackLLM): ``log_softmax(sum_k w_k z_k)``.
+
+Weights are fixed (config, uniform by default), per request, or PackLLM's prompt-perplexity
+weights ``softmax(-CE_k(prompt) / tau)`` computed at prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import kernels
+from .base import Fused, Method
+
+
+class LogitMix(Method):
+    name = "logit_mix"
+
+    def __init__(self, member_names, weights, dynamic: str = "fixed", tau: float = 1.0) -> None:
+        self.member_names = list(member_names)
+        self.weights = list(weights)
+        self.tau = tau
+        self.uses_prompt_nll = dynamic == "prompt_perplexity"
+
+    def default_weights(self) -> list[float]:
+        return list(self.weights)
+
+    def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
+        return Fused(kernels.mix_logits(member_logits, weights), weights)
