@@ -200,11 +200,22 @@ def parse_composition(data: dict, base_dir: str | Path | None = None) -> Composi
     return _resolve_paths(spec, Path(base_dir)) if base_dir is not None else spec
 
 
+BUILTIN_DIR = Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the compositions shipped with the package (``default``, ``smollm2``, ...)."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
 def load_composition(path: str | Path) -> CompositionSpec:
-    """Read and validate a YAML composition file."""
+    """Read and validate a YAML composition file, or a built-in one by name (``default``)."""
     path = Path(path)
+    if not path.is_file() and str(path) in builtin_configs():
+        path = BUILTIN_DIR / f"{path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist", param="config")
+        raise ConfigError(f"config file {str(path)!r} does not exist (built-in: {builtin_configs()})",
+                          param="config")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

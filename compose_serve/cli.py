@@ -1,0 +1,120 @@
+"""``compose-serve``: the command line.
+
+    compose-serve generate --config FILE|NAME --prompt TEXT [--chat] [--max-tokens N]
+                           [--temperature T] [--seed S] [--top-logprobs K] [--weights a=0.3,b=0.7] [--json]
+
+Results go to stdout (the text, or with ``--json`` one JSON object: text, token ids, and per step
+the chosen token's fused log-prob, the top-K fused log-probs and the per-member diagnostics);
+progress and timing go to stderr. Errors print one line naming the field and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .errors import ComposeError
+
+logger = logging.getLogger("compose_serve")
+
+
+def _weights(text: str) -> dict[str, float]:
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weights takes name=w,name=w, got {text!r}") from None
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate one completion with a composition")
+    p.add_argument("--config", default="default", help="composition YAML, or a built-in name (default)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-logprobs", type=int, default=0)
+    p.add_argument("--weights", type=_weights, default=None, help="per-request member weights, a=0.3,b=0.7")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every step")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from .composition import build_composition
+    from .config import load_composition
+    from .engine import Engine, Request
+    from .sampling import SamplingParams
+
+    spec = load_composition(args.config)
+    started = time.perf_counter()
+    composition = build_composition(spec)
+    loaded = time.perf_counter()
+    tokenizer = composition.tokenizer
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, logprobs=args.top_logprobs)
+    request = Request(prompt_ids, params, composition={"weights": args.weights} if args.weights else None)
+    engine = Engine(composition, max_batch=1)
+    engine.check(request)
+    stream = not args.json and sys.stdout.isatty()
+    out = engine.generate([request], on_event=(lambda e: print(e.text, end="", flush=True)) if stream else None)[0]
+    done = time.perf_counter()
+    n = len(out.token_ids)
+    print(f"[{spec.name}] loaded in {loaded - started:.1f} s; {n} tokens in {done - loaded:.2f} s "
+          f"({n / max(done - loaded, 1e-9):.1f} tokens/s), finish_reason={out.finish_reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(completion_json(spec.name, out, tokenizer), ensure_ascii=False))
+    elif not stream:
+        print(out.text)
+    else:
+        print()
+    return 0
+
+
+def completion_json(name: str, out, tokenizer) -> dict:
+    """The ``--json`` shape: text, ids, and one entry per step."""
+    steps = []
+    for i, token in enumerate(out.token_ids):
+        step = {"token_id": token, "token": tokenizer.decode([token]), "logprob": out.logprobs[i],
+                "diagnostics": out.diagnostics[i]}
+        if out.top_logprobs:
+            step["top_logprobs"] = [{"token_id": t, "token": tokenizer.decode([t]), "logprob": lp}
+                                    for t, lp in out.top_logprobs[i]]
+        steps.append(step)
+    return {"model": name, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "usage": {"prompt_tokens": len(out.prompt_ids), "completion_tokens": len(out.token_ids)},
+            "steps": steps}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compose-serve", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ComposeError as exc:
+        where = f" ({exc.param})" if exc.param else ""
+        print(f"compose-serve: error{where}: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
