@@ -71,7 +71,8 @@ class Engine:
         """Prefill ``requests`` into free slots and produce each one's first token."""
         if len(requests) > self.free_slots:
             raise RuntimeError(f"{len(requests)} requests but only {self.free_slots} free slots")
-        seqs = [self._admit(r, self.check(r)) for r in requests]
+        weights = [self.check(r) for r in requests]  # all checked before any slot is taken
+        seqs = [self._admit(r, w) for r, w in zip(requests, weights, strict=True)]
         nll = self.method.uses_prompt_nll
         scores = []
         for k, member in enumerate(self.members):
@@ -195,6 +196,17 @@ class Engine:
                 self._release([seq])
                 return True
         return False
+
+    def reset(self) -> None:
+        """Forget every sequence and free every slot in every member.
+
+        For the scheduler after a step raised: ``add`` may have taken slots (or a member may have
+        extended its cache) before the failure, so the bookkeeping is rebuilt from nothing.
+        """
+        for member in self.members:
+            member.release(member.live_slots)
+        self.running = []
+        self._free_slots = list(range(self.max_batch - 1, -1, -1))
 
     # -- the library's one-call driver ----------------------------------------------------
     def generate(self, requests: list[Request], on_event=None) -> list[Completion]:

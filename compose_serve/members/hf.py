@@ -148,14 +148,10 @@ class HFMember(Member):
         """Position ids that count real tokens only (padding gets 0)."""
         return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
-    def run_decoder(self, ids, mask, positions, cache, adapter_names: list[str] | None = None):
+    def run_decoder(self, ids, mask, positions, cache):
         """One decoder forward; returns final hidden states ``[R, T, d]`` (after the last norm)."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
-        if adapter_names is None:
-            return self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).last_hidden_state
-        # PEFT mixed-adapter batch: one adapter name per row, "__base__" for the frozen base.
-        with self.lm._enable_peft_forward_hooks(adapter_names=adapter_names):
-            return self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).last_hidden_state
+        return self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (with the model's final soft-capping, where it has one): ``[..., d] -> [..., V]``."""

@@ -30,6 +30,8 @@ class SiameseMember(HFMember):
         if any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "merged_adapters")):
             raise ConfigError(f"member {name!r}: the adapter must not be merged in a siamese pair", param="adapter")
         self.adapter_name = adapter_name
+        self._row_adapters: list[str] = []
+        self._install_row_adapter_hooks()
         self.gate = gate.to(self.device) if isinstance(gate, ImsmGate) else gate
         self.prompt_means: dict[int, torch.Tensor] = {}  # slot -> hq [2, d]
         self.last_streams: torch.Tensor | None = None  # [B, 2, d] of the latest call, for inspection
@@ -38,17 +40,39 @@ class SiameseMember(HFMember):
     def live_slots(self) -> list[int]:
         return [key[0] for key in self.kv.keys[::2]]
 
-    def _names(self, n_slots: int) -> list[str]:
-        """One adapter name per row, built to match the row count (PEFT leaves its hooks attached
-        when a call with a wrongly sized ``adapter_names`` raises)."""
-        return ["__base__", self.adapter_name] * n_slots
+    def _install_row_adapter_hooks(self) -> None:
+        """Give every LoRA layer PEFT's per-row ``adapter_names`` argument, once.
+
+        PEFT's own ``adapter_names=`` path walks every module to attach and remove these hooks on
+        each forward (tens of thousands of calls a step on a 30-layer model); a siamese member
+        always runs mixed rows, so its hooks stay and read the row names of the current call.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        known = set()
+        for module in self.lm.modules():
+            if isinstance(module, LoraLayer):
+                known |= set(module.lora_A.keys())
+                module.register_forward_pre_hook(self._inject_row_adapters, with_kwargs=True)
+        if self.adapter_name not in known:
+            raise ConfigError(f"member {self.name!r}: adapter {self.adapter_name!r} has no LoRA layers "
+                              f"(found {sorted(known)})", param="adapter")
+
+    def _inject_row_adapters(self, module, args, kwargs):
+        kwargs["adapter_names"] = self._row_adapters
+        return args, kwargs
+
+    def run_decoder(self, ids, mask, positions, cache):
+        """The decoder over rows base, adapted, base, ...: one adapter name per row."""
+        self._row_adapters = ["__base__", self.adapter_name] * (ids.shape[0] // 2)
+        return super().run_decoder(ids, mask, positions, cache)
 
     @torch.inference_mode()
     def prefill(self, slots, token_ids, want_prompt_nll: bool = False) -> Scores:
         doubled = [tokens for tokens in token_ids for _ in STREAMS]
         ids, mask = self.pad_prompts(doubled)
         cache = DynamicCache(config=self.config)
-        hidden = self.run_decoder(ids, mask, self.positions(mask), cache, self._names(len(slots)))
+        hidden = self.run_decoder(ids, mask, self.positions(mask), cache)
         self.kv.extend(cache, mask, [(slot, s) for slot in slots for s in STREAMS])
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # [2n, Lp, 1]
         means = (hidden * weights).sum(1) / weights.sum(1)  # [2n, d], real tokens only
@@ -65,7 +89,7 @@ class SiameseMember(HFMember):
         self.kv.select([(slot, s) for slot in slots for s in STREAMS])
         mask, positions = self.kv.step_inputs()
         ids = last_tokens.view(-1, 1).to(self.device).repeat_interleave(2, dim=0)  # [2B, 1]
-        hidden = self.run_decoder(ids, mask, positions, self.kv.cache, self._names(len(slots)))
+        hidden = self.run_decoder(ids, mask, positions, self.kv.cache)
         self.kv.advance(mask)
         means = torch.stack([self.prompt_means[slot] for slot in slots])  # [B, 2, d]
         return self._fuse(hidden[:, -1], means)

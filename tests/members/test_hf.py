@@ -1,0 +1,74 @@
+"""HFMember and its slot cache against transformers run without a cache, row by row."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compose_serve.members.hf import HFMember, load_causal_lm, load_tokenizer
+
+
+def _member(path, name="m"):
+    return HFMember(name, load_causal_lm(str(path), torch.float32, torch.device("cpu")), load_tokenizer(str(path)))
+
+
+@torch.no_grad()
+def test_prefill_decode_join_leave_equal_no_cache_forward(tiny):
+    """Sequences join and leave a running batch; every row's logits equal a full recompute."""
+    member = _member(tiny["a"])
+    ref = AutoModelForCausalLM.from_pretrained(tiny["a"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    seqs = {0: tok.encode("The quick brown fox"), 1: tok.encode("2 +")}
+    member.prefill([0, 1], [seqs[0], seqs[1]])
+    rng = torch.Generator().manual_seed(0)
+    for step in range(12):
+        if step == 3:  # a longer prompt joins mid-way
+            seqs[5] = tok.encode("Compose models at decoding time instead of merging")
+            member.prefill([5], [seqs[5]])
+        if step == 7:  # the first one leaves
+            member.release([0])
+            del seqs[0]
+        slots = list(seqs)
+        if step == 9:  # the engine may hand rows in another order
+            slots = slots[::-1]
+        last = torch.randint(0, 300, (len(slots),), generator=rng)
+        for slot, t in zip(slots, last.tolist(), strict=True):
+            seqs[slot].append(t)
+        got = member.decode(slots, last).logits
+        for row, slot in enumerate(slots):
+            want = ref(torch.tensor([seqs[slot]])).logits[0, -1]
+            torch.testing.assert_close(got[row], want, atol=1e-4, rtol=1e-4)
+    assert sorted(member.live_slots) == sorted(seqs)
+
+
+@torch.no_grad()
+def test_padding_columns_are_trimmed_when_the_long_row_leaves(tiny):
+    member = _member(tiny["a"])
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    member.prefill([0, 1], [tok.encode("a b c d e f g h i j k l m n o p"), tok.encode("x")])
+    long_width = member.kv.length
+    member.release([0])
+    assert member.kv.length == len(tok.encode("x"))
+    assert long_width > member.kv.length
+
+
+@torch.no_grad()
+def test_prompt_nll_equals_cross_entropy(tiny):
+    member = _member(tiny["a"])
+    ref = AutoModelForCausalLM.from_pretrained(tiny["a"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    prompts = [tok.encode("The quick brown fox jumps"), tok.encode("2 + 2 = 4")]
+    got = member.prefill([0, 1], prompts, want_prompt_nll=True).prompt_nll
+    for row, ids in enumerate(prompts):
+        logits = ref(torch.tensor([ids])).logits[0, :-1]
+        want = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+        torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_final_hidden_is_after_the_last_norm(tiny):
+    member = _member(tiny["a"])
+    ref = AutoModelForCausalLM.from_pretrained(tiny["a"]).eval()
+    ids = AutoTokenizer.from_pretrained(tiny["tokenizer"]).encode("hello there")
+    hidden = member.prefill([0], [ids]).hidden
+    torch.testing.assert_close(ref.lm_head(hidden), ref(torch.tensor([ids])).logits[:, -1], atol=1e-5, rtol=1e-5)
