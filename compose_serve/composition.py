@@ -101,7 +101,10 @@ def shared_vocab_size(members: list[Member]) -> int:
 
 
 def eos_ids(member: Member) -> frozenset[int]:
-    """End-of-sequence ids from the tokenizer and the generation config (which may list several)."""
+    """End-of-sequence ids from the tokenizer and the generation config (which may list several);
+    a remote member brings its own."""
+    if getattr(member, "eos_token_ids", None):
+        return frozenset(member.eos_token_ids)
     ids = set()
     if member.tokenizer.eos_token_id is not None:
         ids.add(member.tokenizer.eos_token_id)

@@ -98,6 +98,30 @@ class EngineSpec(_Strict):
     max_queue: Annotated[int, Field(ge=0)] = 256
 
 
+class DeploymentSpec(_Strict):
+    """How Ray Serve runs a composition (ignored by the in-process server).
+
+    ``colocated``: one deployment whose replicas each hold the whole composition, so a step never
+    leaves the process. ``distributed``: one deployment per member plus the composition's engine,
+    which calls every member each step; its member replicas keep KV caches, so each member and the
+    composition run exactly one replica. The defaults ask for no CPU, so they schedule on 2 cores.
+    """
+
+    placement: Literal["colocated", "distributed"] = "colocated"
+    num_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
+    member_ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+    transfer_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_replica_when_distributed(self) -> DeploymentSpec:
+        if self.placement == "distributed" and (self.num_replicas != 1 or self.autoscaling_config):
+            raise ValueError("distributed placement runs one composition replica (its members hold KV state)")
+        return self
+
+
 class CompositionSpec(_Strict):
     """Members + method + parameters, served under ``name``."""
 
@@ -106,6 +130,7 @@ class CompositionSpec(_Strict):
     members: Annotated[list[MemberSpec], Field(min_length=1)]
     params: dict[str, Any] = Field(default_factory=dict)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec)
 
     def parsed_params(self):
         """``params`` as the method's own model (MixtureParams, DeltaParams, ...)."""

@@ -21,6 +21,17 @@ class ComposeError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):
+        # Keep ``param`` (and subclass fields) across pickling, e.g. from a Ray replica.
+        return (_rebuild, (type(self), self.message, self.param, dict(self.__dict__)))
+
+
+def _rebuild(cls, message, param, state):
+    error = cls.__new__(cls)
+    ComposeError.__init__(error, message, param)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequestError(ComposeError, ValueError):
     """A request or sampling field is out of range or of the wrong kind (HTTP 400)."""

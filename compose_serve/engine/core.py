@@ -79,6 +79,7 @@ class Engine:
             rows = [i for i, s in enumerate(seqs) if s.uses[k]]
             prompts = [seqs[i].request.prompt_ids for i in rows]
             scores.append((rows, member.prefill([seqs[i].slot for i in rows], prompts, nll) if rows else None))
+        scores = resolve(scores)
         if nll:
             self._prompt_weights(seqs, scores)
         self.running.extend(seqs)
@@ -113,7 +114,7 @@ class Engine:
             rows = [i for i, s in enumerate(self.running) if s.uses[k]]
             slots = [self.running[i].slot for i in rows]
             scores.append((rows, member.decode(slots, last[rows]) if rows else None))
-        return self._advance(list(self.running), scores)
+        return self._advance(list(self.running), resolve(scores))
 
     def _advance(self, seqs: list[Sequence], scores: list[tuple[list[int], Scores | None]]) -> list[TokenEvent]:
         member_logits = [self._full_rows(rows, sc, len(seqs)) for rows, sc in scores]  # K x [B, V]
@@ -229,3 +230,9 @@ class Engine:
                 if on_event is not None:
                     on_event(event)
         return [results[r.request_id] for r in requests]
+
+
+def resolve(scores: list[tuple[list[int], object]]) -> list[tuple[list[int], Scores | None]]:
+    """Wait for members that answered with a future (remote members): every member's call was
+    issued before the first wait, so they run in parallel."""
+    return [(rows, sc.result() if hasattr(sc, "result") else sc) for rows, sc in scores]

@@ -9,6 +9,9 @@ A member keeps its own KV cache, one row per slot; the engine (its scheduler) ow
   member reorders its cache once when the order changes).
 - ``release(slots)``: forget those slots now; their memory is freed.
 
+``prefill`` and ``decode`` may instead return a future whose ``result()`` is the Scores (a remote
+member does): the engine issues every member's call before it waits on any.
+
 ``Scores.logits`` is ``[B, V]`` in the member's dtype; ``hidden`` ``[B, d]`` (final hidden state,
 after the last norm) when asked; ``prompt_nll`` ``[B]`` (mean next-token NLL over the prompt, for
 PackLLM weights) when asked at prefill; ``diagnostics`` maps a name to a ``[B]`` tensor (e.g. an

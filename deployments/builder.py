@@ -1,0 +1,79 @@
+"""``build_app``: compositions in, a bound Ray Serve application out.
+
+Validates every composition once, picks its placement, binds the graph
+
+    OpenAIIngress ──handle──> CompositionServer(name)              (colocated, the default)
+                  ──handle──> CompositionServer(name) ──> MemberServer(member) x K   (distributed)
+
+and logs the resolved options. ``app_builder(args)`` is the same for ``serve run`` with a YAML
+config (``import_path: compose_serve.deployments:app_builder``, ``args: {configs: [...]}``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+
+from compose_serve.config import CompositionSpec, load_composition
+
+from .composition import CompositionServer
+from .ingress import OpenAIIngress
+from .member import MemberServer
+
+logger = logging.getLogger(__name__)
+
+
+def _deployment_options(spec: CompositionSpec) -> dict:
+    d = spec.deployment
+    options = {"ray_actor_options": dict(d.ray_actor_options), "max_ongoing_requests": d.max_ongoing_requests,
+               "health_check_period_s": 5, "graceful_shutdown_timeout_s": 1}
+    if d.autoscaling_config is not None:
+        options["autoscaling_config"] = d.autoscaling_config
+    else:
+        options["num_replicas"] = d.num_replicas
+    return options
+
+
+def _bind_composition(spec: CompositionSpec):
+    name = spec.name
+    body = spec.model_dump(mode="json")
+    server = serve.deployment(CompositionServer, name=f"composition-{name}", **_deployment_options(spec))
+    if spec.deployment.placement == "colocated":
+        return server.bind(body)
+    interweave = spec.params if spec.method == "interweave" else None
+    members = {}
+    for m in spec.members:
+        member = serve.deployment(MemberServer, name=f"member-{name}-{m.name}", num_replicas=1,
+                                  ray_actor_options=dict(spec.deployment.member_ray_actor_options),
+                                  max_ongoing_requests=1024, graceful_shutdown_timeout_s=1)
+        members[m.name] = member.bind(m.model_dump(mode="json"), interweave, spec.deployment.transfer_dtype)
+    return server.bind(body, members)
+
+
+def build_app(configs: Sequence[str | Path | CompositionSpec], api_key: str | None = None,
+              ingress_options: dict | None = None) -> Application:
+    """The whole application for ``configs`` (YAML paths, built-in names, or parsed specs)."""
+    specs = [c if isinstance(c, CompositionSpec) else load_composition(c) for c in configs]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two compositions share a name: {names}")
+    handles, bodies = {}, {}
+    for spec in specs:
+        handles[spec.name] = _bind_composition(spec)
+        bodies[spec.name] = spec.model_dump(mode="json")
+        logger.info("composition %s: %s, placement %s, options %s", spec.name, spec.method,
+                    spec.deployment.placement, _deployment_options(spec))
+    ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="openai-ingress",
+                               **(ingress_options or {"ray_actor_options": {"num_cpus": 0},
+                                                      "max_ongoing_requests": 4096}))
+    return ingress.bind(handles, bodies, api_key)
+
+
+def app_builder(args: dict) -> Application:
+    """For ``serve run``/``serve deploy`` configs: ``args: {configs: [PATH, ...], api_key: ...}``."""
+    configs = args.get("configs") or ["default"]
+    return build_app(configs, api_key=args.get("api_key"))

@@ -1,0 +1,74 @@
+"""The composition deployment: one replica holds a composition's engine (and, colocated, its
+members), so a decoding step never leaves the process.
+
+``generate(request)`` streams the request's TokenEvents through the handle. A refusal (a bad
+field, a full queue) is not raised across the process boundary, where Ray would wrap it: it is
+yielded as the stream's only item, a ComposeError that pickles with its field, and the ingress
+raises it there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from compose_serve.composition import build_composition
+from compose_serve.config import parse_composition
+from compose_serve.engine.scheduler import AsyncEngine
+from compose_serve.engine.sequence import Request, TokenEvent
+from compose_serve.errors import ComposeError, EngineDeadError
+
+from .member import RemoteMember
+
+logger = logging.getLogger(__name__)
+
+
+class CompositionServer:
+    """A deployment replica serving one composition with its own continuous-batching engine."""
+
+    async def __init__(self, spec: dict, member_handles: dict | None = None) -> None:
+        # async: Ray Serve runs constructors in the replica's event loop, where a handle is awaited
+        composition_spec = parse_composition(spec)
+        members = None
+        if member_handles:  # distributed placement: members live in their own deployments
+            members = []
+            for member_spec in composition_spec.members:
+                handle = member_handles[member_spec.name]
+                info = await handle.info.remote()
+                members.append(RemoteMember(handle, member_spec.model, info))
+        composition = build_composition(composition_spec, members=members)
+        self.engine = AsyncEngine.from_composition(composition)
+        logger.info("composition %s ready (%s placement)", composition.name,
+                    "distributed" if members else "colocated")
+
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent | ComposeError]:
+        try:
+            stream = self.engine.submit(request)
+        except ComposeError as exc:
+            yield exc
+            return
+        try:
+            async for event in stream:
+                yield event
+        except ComposeError as exc:
+            yield exc
+        finally:
+            await stream.aclose()  # a client that went away frees its slot here
+
+    def info(self) -> dict:
+        c = self.engine.composition
+        return {"name": c.name, "method": c.spec.method, "members": list(c.method.member_names),
+                "max_context": c.max_context}
+
+    def stats(self) -> dict:
+        s = self.engine.stats()
+        return {"alive": s.alive, "running": s.running, "waiting": s.waiting}
+
+    def check_health(self) -> None:
+        if not self.engine.stats().alive:
+            raise EngineDeadError(f"the engine of {self.engine.name!r} has stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close(timeout=1.0)
