@@ -1,12 +1,22 @@
 """Fusion kernels: Triton on CUDA tensors, the plain-torch reference elsewhere.
 
-Public API (all return float32):
+Public API (log-probs are float32, tokens int64):
 - ``mix_probs(member_logits [K, B, V] | list[K x [B, V]], weights [B, K], temperatures [K] | None) -> [B, V]``
 - ``mix_logits(member_logits, coeffs [B, K]) -> [B, V]``
+- ``sample_mix_probs(member_logits, weights, temperatures, temperature [B], seeds [B]) -> (tokens [B], logprobs [B])``
+- ``sample_mix_logits(member_logits, coeffs, temperature [B], seeds [B]) -> (tokens [B], logprobs [B])``
+
+The sampling functions draw from ``softmax(fused_logprobs / temperature)`` (temperature 0 =
+greedy) and return the chosen token's fused, untempered log-prob; a row's draw is fixed by its
+seed, so a caller passes a fresh seed per row and step (e.g. derived from the request's seed and
+the step). Both backends draw from exactly that distribution, each deterministically per seed,
+but their random streams differ (Triton: Philox per (seed, token); torch: a ``torch.Generator``
+per row), so the same seed need not give the same token on both.
 
 The choice between Triton and torch is made in ``backend_for`` alone, logged once, and can be
 forced with ``COMPOSE_SERVE_KERNELS=triton|torch`` (triton on CPU tensors needs
-``TRITON_INTERPRET=1`` set before this package is imported).
+``TRITON_INTERPRET=1`` set before the first Triton call, which imports ``mix``/``sample``).
+The Triton kernels take at most ``launch.MAX_MEMBERS`` = 8 members (ValueError beyond).
 """
 
 from __future__ import annotations
@@ -37,17 +47,70 @@ def backend_for(device: torch.device) -> str:
 
 
 def _device_of(member_logits: Logits) -> torch.device:
-    return member_logits.device if isinstance(member_logits, torch.Tensor) else member_logits[0].device
+    if isinstance(member_logits, torch.Tensor):
+        return member_logits.device
+    if len(member_logits) == 0:
+        raise ValueError("member_logits is empty: a fusion needs at least one member")
+    return member_logits[0].device
 
 
 def mix_probs(member_logits: Logits, weights: torch.Tensor, temperatures: torch.Tensor | None = None) -> torch.Tensor:
     """Mixture of distributions; see ``reference.mix_probs`` for the exact contract."""
+    if backend_for(_device_of(member_logits)) == "triton":
+        from . import mix  # imported on first use: TRITON_INTERPRET is read at import
+
+        return mix.mix_probs(member_logits, weights, temperatures)
     return reference.mix_probs(member_logits, weights, temperatures)
 
 
 def mix_logits(member_logits: Logits, coeffs: torch.Tensor) -> torch.Tensor:
     """Logit arithmetic; see ``reference.mix_logits`` for the exact contract."""
+    if backend_for(_device_of(member_logits)) == "triton":
+        from . import mix
+
+        return mix.mix_logits(member_logits, coeffs)
     return reference.mix_logits(member_logits, coeffs)
 
 
-__all__ = ["backend_for", "mix_logits", "mix_probs", "reference"]
+def sample_mix_probs(
+    member_logits: Logits,
+    weights: torch.Tensor,
+    temperatures: torch.Tensor | None,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``mix_probs`` + sampling: ``(tokens [B] int64, logprobs [B] float32)``, no ``[B, V]`` row
+    written on the Triton path. ``temperature [B]`` (0 = greedy), ``seeds [B]`` int64."""
+    device = _device_of(member_logits)
+    if backend_for(device) == "triton":
+        from . import sample
+
+        return sample.sample_mix_probs(member_logits, weights, temperatures, temperature, seeds)
+    generators = reference.generators_from_seeds(seeds, device)
+    return reference.sample_mix_probs(member_logits, weights, temperatures, temperature, generators)
+
+
+def sample_mix_logits(
+    member_logits: Logits,
+    coeffs: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``mix_logits`` + sampling: ``(tokens [B] int64, logprobs [B] float32)``."""
+    device = _device_of(member_logits)
+    if backend_for(device) == "triton":
+        from . import sample
+
+        return sample.sample_mix_logits(member_logits, coeffs, temperature, seeds)
+    generators = reference.generators_from_seeds(seeds, device)
+    return reference.sample_mix_logits(member_logits, coeffs, temperature, generators)
+
+
+__all__ = [
+    "backend_for",
+    "mix_logits",
+    "mix_probs",
+    "reference",
+    "sample_mix_logits",
+    "sample_mix_probs",
+]

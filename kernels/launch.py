@@ -11,7 +11,7 @@ Contract of the checks (each raises ``ValueError`` naming the argument):
   would cost a device sync on every step): weights must be >= 0 and temperatures > 0, as the
   reference documents.
 
-``plan(V, B, device)`` picks the path, and the launchers record it so tests can assert it:
+``plan(vocab_size, batch_size, device)`` picks the path, and the launchers record it so tests can assert it:
 
 - ``"single"``: ``V <= block``; one program per row holds the whole row in registers and reads
   the members once.
@@ -146,31 +146,35 @@ def _target_programs(device: torch.device) -> int:
 
 
 def plan(
-    V: int,
-    B: int,
+    vocab_size: int,
+    batch_size: int,
     device: torch.device,
     *,
     block: int | None = None,
     segments: int | None = None,
 ) -> Plan:
-    """Choose the path for rows of ``V`` columns, ``B`` rows on ``device``.
+    """Choose the path for ``batch_size`` rows of ``vocab_size`` columns on ``device``.
 
     ``block`` (a power of two) and ``segments`` override the defaults; tests use them to run the
     chunked path on small rows. Without ``block``, rows up to ``SINGLE_MAX_COLS`` take the single
-    path; wider rows use ``CHUNK_COLS`` tiles and enough segments per row to fill the device.
+    path; wider rows use tiles of ``CHUNK_COLS`` (down to 1024 when the batch is too small to fill
+    the device) and enough segments per row to give each SM a few programs.
     """
     if block is not None and (block < 16 or block & (block - 1)):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     if segments is not None and segments < 1:
         raise ValueError(f"segments must be >= 1, got {segments}")
-    if block is None and V <= SINGLE_MAX_COLS:
-        block = max(16, _pow2(V))
-    if block is not None and V <= block:
+    if block is None and vocab_size <= SINGLE_MAX_COLS:
+        block = max(16, _pow2(vocab_size))
+    if block is not None and vocab_size <= block:
         return Plan("single", block, 1, block, min(16, max(4, block // 512)))
-    block = block or CHUNK_COLS
-    tiles = -(-V // block)
+    if block is None:  # narrower tiles when there are too few to occupy the device (small B)
+        block = CHUNK_COLS
+        while block > 1024 and batch_size * -(-vocab_size // block) < _target_programs(device) // 2:
+            block //= 2
+    tiles = -(-vocab_size // block)
     if segments is None:
-        segments = -(-_target_programs(device) // max(B, 1))
+        segments = -(-_target_programs(device) // max(batch_size, 1))
     segments = max(1, min(segments, tiles))
     tiles_per_segment = -(-tiles // segments)
     segments = -(-tiles // tiles_per_segment)  # no empty segment at the end

@@ -5,12 +5,13 @@ The story, as in the Triton softmax tutorial. The reference (``reference.mix_pro
     z = stack(members).float() / T[:, None, None]           # [K, B, V]
     logprobs = logsumexp_k(log w[b, k] + log_softmax(z_k))   # [B, V]
 
-and each line is a full pass over ``[K, B, V]`` in float32: the upcast, the division, the two
-passes of ``log_softmax``, the addition of ``log w`` and the two passes of ``logsumexp`` read and
-write about ``(e + 28) * K*B*V`` bytes (``e`` = bytes per input element). The least any
-implementation can move is reading the members once and writing the result once:
-``e * K*B*V + 4 * B*V`` bytes. The naive probability-space form (``reference.naive_mix_probs``:
-K softmaxes, a weighted sum, a log) moves even more and underflows to ``-inf``.
+and each step is one or more full float32 passes over ``[K, B, V]``: the upcast, the division,
+``log_softmax`` (two reads, one write), the addition of ``log w``, and ``logsumexp`` over K (a
+max, a shifted exp, a sum): about ten passes, ``(e + 40) * K*B*V`` bytes or so, with ``e`` bytes
+per input element. The least any implementation can move is reading the members once and
+writing the result once: ``e * K*B*V + 4 * B*V`` bytes. The naive probability-space form
+(``reference.naive_mix_probs``: K softmaxes, a weighted sum, a log) moves about as much, and
+underflows to ``-inf`` where the mixture probability is below float32's range.
 
 Here one program owns one row (or one segment of a row) and keeps everything in registers:
 
@@ -19,9 +20,10 @@ Here one program owns one row (or one segment of a row) and keeps everything in 
   per-column running logsumexp over the members. Traffic: the minimum.
 - ``"chunked"`` path (any ``V``): ``lse_k`` needs the whole row before any output can be
   written, so two kernels run. ``_probs_stats_kernel`` walks its segment's tiles keeping an online
-  max ``m`` and sum ``l`` of ``exp(x - m)`` per member; ``_probs_out_kernel`` combines the
-  segments' ``(m, l)`` into ``lse_k``, reads its tiles again and writes the mixture. Traffic:
-  ``2e * K*B*V + 4 * B*V`` (the second read often hits L2).
+  max ``m`` and sum ``total`` of ``exp(x - m)`` per member; ``_probs_out_kernel`` combines the
+  segments' ``(m, total)`` into ``lse_k``, reads its tiles again and writes the mixture. Traffic:
+  ``2e * K*B*V + 4 * B*V`` from DRAM at worst (the second read can hit L2 when the batch's
+  members fit in it).
 
 ``mix_logits`` (``log_softmax(sum_k c_k z_k)``) has the same two paths with one normaliser for the
 combined row instead of one per member.
@@ -86,7 +88,7 @@ def _load_scores(z_ptr, row, cols, V, stride_zb, stride_zv, live, other: tl.cons
 @triton.jit
 def _inv_temperature(t_ptr, k: tl.constexpr, HAS_T: tl.constexpr):
     """``1 / T_k`` for member k, or 1 when the composition has no per-member temperatures."""
-    if HAS_T:
+    if HAS_T:  # noqa: SIM108 - a compile-time branch: the unused side is never generated
         inv_t = 1.0 / tl.load(t_ptr + k).to(tl.float32)
     else:
         inv_t = 1.0
@@ -100,18 +102,18 @@ def _finite(m):
 
 
 @triton.jit
-def _fold_tile(m, l, x):
-    """Online softmax statistics: fold tile ``x`` into the running max ``m`` and sum ``l``."""
+def _fold_tile(m, total, x):
+    """Online softmax statistics: fold tile ``x`` into the running max ``m`` and sum ``total``."""
     m_new = tl.maximum(m, tl.max(x, axis=0))  # scalar: max over everything seen so far
-    shift = _finite(m_new)  # all -inf so far: keep l = 0 without NaN
-    l = l * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)  # rescale the old sum
-    return m_new, l
+    shift = _finite(m_new)  # all -inf so far: keep total = 0 without NaN
+    total = total * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)  # rescale the old sum
+    return m_new, total
 
 
 @triton.jit
-def _lse(m, l):
-    """``log sum exp`` from online statistics; -inf when every score was -inf (l = 0)."""
-    return _finite(m) + tl.log(l)
+def _lse(m, total):
+    """``log sum exp`` from online statistics; -inf when every score was -inf (total = 0)."""
+    return _finite(m) + tl.log(total)
 
 
 @triton.jit
@@ -135,7 +137,7 @@ def _log_share(w, lse):
 
 @triton.jit
 def _member_log_share(
-    k: tl.constexpr, K: tl.constexpr, stat_m_ptr, stat_l_ptr, row, segments,
+    k: tl.constexpr, K: tl.constexpr, stat_m_ptr, stat_s_ptr, row, segments,
     w_ptr, stride_wb, stride_wk, SEGMENTS_P2: tl.constexpr,
 ):
     """``log w_k - lse_k`` for the whole row, combining the partial stats of all segments."""
@@ -143,9 +145,9 @@ def _member_log_share(
         seg = tl.arange(0, SEGMENTS_P2)
         base = (row * K + k) * segments  # stats are [B, K, segments]
         m = tl.load(stat_m_ptr + base + seg, mask=seg < segments, other=NEG_INF)  # padded slots
-        l = tl.load(stat_l_ptr + base + seg, mask=seg < segments, other=0.0)  # add nothing
+        total = tl.load(stat_s_ptr + base + seg, mask=seg < segments, other=0.0)  # add nothing
         m_row = tl.max(m, axis=0)
-        lse = _lse(m_row, tl.sum(l * tl.exp(m - _finite(m_row)), axis=0))
+        lse = _lse(m_row, tl.sum(total * tl.exp(m - _finite(m_row)), axis=0))
         w = tl.load(w_ptr + row * stride_wb + k * stride_wk).to(tl.float32)
         share = _log_share(w, lse)
     else:
@@ -154,17 +156,25 @@ def _member_log_share(
 
 
 @triton.jit
-def _all_log_shares(K: tl.constexpr, stat_m_ptr, stat_l_ptr, row, segments,
+def _all_log_shares(K: tl.constexpr, stat_m_ptr, stat_s_ptr, row, segments,
                     w_ptr, stride_wb, stride_wk, SEGMENTS_P2: tl.constexpr):
     """The eight ``_member_log_share`` values (slots past K are dummies)."""
-    s0 = _member_log_share(0, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
-    s1 = _member_log_share(1, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
-    s2 = _member_log_share(2, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
-    s3 = _member_log_share(3, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
-    s4 = _member_log_share(4, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
-    s5 = _member_log_share(5, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
-    s6 = _member_log_share(6, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
-    s7 = _member_log_share(7, K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s0 = _member_log_share(0, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s1 = _member_log_share(1, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s2 = _member_log_share(2, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s3 = _member_log_share(3, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s4 = _member_log_share(4, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s5 = _member_log_share(5, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s6 = _member_log_share(6, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+    s7 = _member_log_share(7, K, stat_m_ptr, stat_s_ptr, row, segments,
+                           w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
     return s0, s1, s2, s3, s4, s5, s6, s7
 
 
@@ -200,6 +210,23 @@ def _combined_tile(row, cols, V, z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stri
 # mix_probs kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _mixture_row(row, cols, V, z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv,
+                 w_ptr, stride_wb, stride_wk, t_ptr, K: tl.constexpr, HAS_T: tl.constexpr):
+    """``log p_mix`` of a row held whole in one tile (``V <= BLOCK``): each member read once."""
+    acc_m = tl.full(cols.shape, NEG_INF, tl.float32)  # running logsumexp over members, per column
+    acc_s = tl.zeros(cols.shape, tl.float32)
+    for k in tl.static_range(K):  # unrolled: K is a compile-time constant
+        w = tl.load(w_ptr + row * stride_wb + k * stride_wk).to(tl.float32)  # w[b, k]
+        z_ptr = _pick(k, z0, z1, z2, z3, z4, z5, z6, z7)
+        x = _load_scores(z_ptr, row, cols, V, stride_zb, stride_zv, w > 0, NEG_INF)
+        x = x * _inv_temperature(t_ptr, k, HAS_T)  # z_k / T_k; -inf stays -inf
+        m = tl.max(x, axis=0)  # member k's normaliser, from the row in registers
+        lse = _lse(m, tl.sum(tl.exp(x - _finite(m)), axis=0))
+        acc_m, acc_s = _fold_logaddexp(acc_m, acc_s, x + _log_share(w, lse))
+    return acc_m + tl.log(acc_s)
+
+
+@triton.jit
 def _probs_single_kernel(
     out_ptr,  # [B, V] float32, contiguous
     z0, z1, z2, z3, z4, z5, z6, z7,  # member k's [B, V] scores (slots past K unused)
@@ -212,22 +239,14 @@ def _probs_single_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)  # one program per row b
     cols = tl.arange(0, BLOCK).to(tl.int64)
-    acc_m = tl.full([BLOCK], NEG_INF, tl.float32)  # running logsumexp over members, per column
-    acc_s = tl.zeros([BLOCK], tl.float32)
-    for k in tl.static_range(K):  # unrolled: K is a compile-time constant
-        w = tl.load(w_ptr + row * stride_wb + k * stride_wk).to(tl.float32)  # w[b, k]
-        z_ptr = _pick(k, z0, z1, z2, z3, z4, z5, z6, z7)
-        x = _load_scores(z_ptr, row, cols, V, stride_zb, stride_zv, w > 0, NEG_INF)
-        x = x * _inv_temperature(t_ptr, k, HAS_T)  # z_k / T_k; -inf stays -inf
-        m = tl.max(x, axis=0)  # member k's normaliser from the row in registers
-        lse = _lse(m, tl.sum(tl.exp(x - _finite(m)), axis=0))
-        acc_m, acc_s = _fold_logaddexp(acc_m, acc_s, x + _log_share(w, lse))
-    tl.store(out_ptr + row * V + cols, acc_m + tl.log(acc_s), mask=cols < V)  # mask: padding
+    mixed = _mixture_row(row, cols, V, z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv,
+                         w_ptr, stride_wb, stride_wk, t_ptr, K, HAS_T)
+    tl.store(out_ptr + row * V + cols, mixed, mask=cols < V)  # mask: the padding past V
 
 
 @triton.jit
 def _probs_stats_kernel(
-    stat_m_ptr, stat_l_ptr,  # [B, K, segments] float32: online max and sum per segment
+    stat_m_ptr, stat_s_ptr,  # [B, K, segments] float32: online max and sum per segment
     z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv,
     w_ptr, stride_wb, stride_wk, t_ptr,
     V, segment_len,  # segment_len: columns per program, a multiple of BLOCK
@@ -242,19 +261,19 @@ def _probs_stats_kernel(
         z_ptr = _pick(k, z0, z1, z2, z3, z4, z5, z6, z7)
         inv_t = _inv_temperature(t_ptr, k, HAS_T)
         m = tl.full([], NEG_INF, tl.float32)  # online max over the segment
-        l = tl.zeros([], tl.float32)  # online sum of exp(x - m)
+        total = tl.zeros([], tl.float32)  # online sum of exp(x - m)
         for off in range(0, segment_len, BLOCK):  # walk the segment tile by tile
             cols = start + off + tl.arange(0, BLOCK)
             x = _load_scores(z_ptr, row, cols, V, stride_zb, stride_zv, live, NEG_INF) * inv_t
-            m, l = _fold_tile(m, l, x)
+            m, total = _fold_tile(m, total, x)
         slot = (row * K + k) * segments + seg
         tl.store(stat_m_ptr + slot, m)
-        tl.store(stat_l_ptr + slot, l)
+        tl.store(stat_s_ptr + slot, total)
 
 
 @triton.jit
 def _probs_out_kernel(
-    out_ptr, stat_m_ptr, stat_l_ptr,
+    out_ptr, stat_m_ptr, stat_s_ptr,
     z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv,
     w_ptr, stride_wb, stride_wk, t_ptr,
     V, segment_len,
@@ -267,7 +286,7 @@ def _probs_out_kernel(
     start = seg * segment_len
     # each member's share log w_k - lse_k for the whole row, once per program
     s0, s1, s2, s3, s4, s5, s6, s7 = _all_log_shares(
-        K, stat_m_ptr, stat_l_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
+        K, stat_m_ptr, stat_s_ptr, row, segments, w_ptr, stride_wb, stride_wk, SEGMENTS_P2)
     for off in range(0, segment_len, BLOCK):
         cols = start + off + tl.arange(0, BLOCK)
         mixed = _mixture_tile(row, cols, V, z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv,
@@ -295,7 +314,7 @@ def _logits_single_kernel(
 
 @triton.jit
 def _logits_stats_kernel(
-    stat_m_ptr, stat_l_ptr,  # [B, segments] float32
+    stat_m_ptr, stat_s_ptr,  # [B, segments] float32
     z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv, c_ptr, stride_cb, stride_ck,
     V, segment_len, K: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -303,19 +322,19 @@ def _logits_stats_kernel(
     seg = tl.program_id(1).to(tl.int64)
     start = seg * segment_len
     m = tl.full([], NEG_INF, tl.float32)
-    l = tl.zeros([], tl.float32)
+    total = tl.zeros([], tl.float32)
     for off in range(0, segment_len, BLOCK):
         cols = start + off + tl.arange(0, BLOCK)
         x = _combined_tile(row, cols, V, z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv,
                            c_ptr, stride_cb, stride_ck, K)
-        m, l = _fold_tile(m, l, x)
+        m, total = _fold_tile(m, total, x)
     tl.store(stat_m_ptr + row * tl.num_programs(1) + seg, m)
-    tl.store(stat_l_ptr + row * tl.num_programs(1) + seg, l)
+    tl.store(stat_s_ptr + row * tl.num_programs(1) + seg, total)
 
 
 @triton.jit
 def _logits_out_kernel(
-    out_ptr, stat_m_ptr, stat_l_ptr,
+    out_ptr, stat_m_ptr, stat_s_ptr,
     z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv, c_ptr, stride_cb, stride_ck,
     V, segment_len, K: tl.constexpr, BLOCK: tl.constexpr, SEGMENTS_P2: tl.constexpr,
 ):
@@ -325,9 +344,9 @@ def _logits_out_kernel(
     start = seg * segment_len
     s = tl.arange(0, SEGMENTS_P2)
     m = tl.load(stat_m_ptr + row * segments + s, mask=s < segments, other=NEG_INF)
-    l = tl.load(stat_l_ptr + row * segments + s, mask=s < segments, other=0.0)
+    total = tl.load(stat_s_ptr + row * segments + s, mask=s < segments, other=0.0)
     m_row = tl.max(m, axis=0)  # combine the segments' online stats into the row's normaliser
-    lse = _lse(m_row, tl.sum(l * tl.exp(m - _finite(m_row)), axis=0))
+    lse = _lse(m_row, tl.sum(total * tl.exp(m - _finite(m_row)), axis=0))
     for off in range(0, segment_len, BLOCK):
         cols = start + off + tl.arange(0, BLOCK)
         x = _combined_tile(row, cols, V, z0, z1, z2, z3, z4, z5, z6, z7, stride_zb, stride_zv,
@@ -385,9 +404,9 @@ def mix_probs(
         _probs_single_kernel[(B,)](out, *args, **flags)
         return out
     stat_m = torch.empty((B, K, p.segments), dtype=torch.float32, device=device)
-    stat_l = torch.empty_like(stat_m)
-    _probs_stats_kernel[(B, p.segments)](stat_m, stat_l, *args, p.segment_len, **flags)
-    _probs_out_kernel[(B, p.segments)](out, stat_m, stat_l, *args, p.segment_len, **flags,
+    stat_s = torch.empty_like(stat_m)
+    _probs_stats_kernel[(B, p.segments)](stat_m, stat_s, *args, p.segment_len, **flags)
+    _probs_out_kernel[(B, p.segments)](out, stat_m, stat_s, *args, p.segment_len, **flags,
                                        SEGMENTS_P2=triton.next_power_of_2(p.segments))
     return out
 
@@ -414,8 +433,8 @@ def mix_logits(
         _logits_single_kernel[(B,)](out, *args, **flags)
         return out
     stat_m = torch.empty((B, p.segments), dtype=torch.float32, device=device)
-    stat_l = torch.empty_like(stat_m)
-    _logits_stats_kernel[(B, p.segments)](stat_m, stat_l, *args, p.segment_len, **flags)
-    _logits_out_kernel[(B, p.segments)](out, stat_m, stat_l, *args, p.segment_len, **flags,
+    stat_s = torch.empty_like(stat_m)
+    _logits_stats_kernel[(B, p.segments)](stat_m, stat_s, *args, p.segment_len, **flags)
+    _logits_out_kernel[(B, p.segments)](out, stat_m, stat_s, *args, p.segment_len, **flags,
                                         SEGMENTS_P2=triton.next_power_of_2(p.segments))
     return out

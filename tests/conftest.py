@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import os
 
-# Triton kernels run in the interpreter on CPU; this must be set before any kernel module import.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU, Triton kernels run in its interpreter; this must be set before any kernel module
+# is imported. On a GPU machine the kernels compile for real.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
