@@ -96,11 +96,52 @@ def completion_json(name: str, out, tokenizer) -> dict:
             "steps": steps}
 
 
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve compositions over the OpenAI HTTP API")
+    p.add_argument("--config", nargs="+", default=["default"],
+                   help="composition YAML files or built-in names, several served at once (default)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
+    p.add_argument("--in-process", action="store_true",
+                   help="uvicorn in this process, no Ray (default: Ray Serve on a local Ray instance)")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. ray://host:10001 or auto) instead of starting one")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $COMPOSE_SERVE_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=None, help="running sequences per composition")
+    p.add_argument("--max-queue", type=int, default=None, help="waiting requests before HTTP 429")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default none)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="intra-op threads of the engine (default: one per core but one, on CPU)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    import os
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("COMPOSE_SERVE_API_KEY") or None
+    if not args.in_process:
+        from .deployments.run import serve_on_ray
+
+        engine = {"max_batch": args.max_batch, "max_queue": args.max_queue,
+                  "request_timeout": args.request_timeout, "torch_threads": args.torch_threads}
+        serve_on_ray(args.config, host=args.host, port=args.port, address=args.address, api_key=api_key,
+                     engine_options={k: v for k, v in engine.items() if v is not None})
+        return 0
+    from .http.server import run_server
+
+    return run_server(args.config, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+                      max_queue=args.max_queue, request_timeout=args.request_timeout,
+                      torch_threads=args.torch_threads, log_level="info" if args.verbose else "warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compose-serve", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    add_serve(sub)
     return parser
 
 

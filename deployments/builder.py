@@ -18,7 +18,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve import Application
 
-from compose_serve.config import CompositionSpec, load_composition
+from compose_serve.config import CompositionSpec, load_composition, parse_composition
 
 from .composition import CompositionServer
 from .ingress import OpenAIIngress
@@ -38,12 +38,12 @@ def _deployment_options(spec: CompositionSpec) -> dict:
     return options
 
 
-def _bind_composition(spec: CompositionSpec):
+def _bind_composition(spec: CompositionSpec, engine_options: dict):
     name = spec.name
     body = spec.model_dump(mode="json")
     server = serve.deployment(CompositionServer, name=f"composition-{name}", **_deployment_options(spec))
     if spec.deployment.placement == "colocated":
-        return server.bind(body)
+        return server.bind(body, None, engine_options)
     interweave = spec.params if spec.method == "interweave" else None
     members = {}
     for m in spec.members:
@@ -51,19 +51,31 @@ def _bind_composition(spec: CompositionSpec):
                                   ray_actor_options=dict(spec.deployment.member_ray_actor_options),
                                   max_ongoing_requests=1024, graceful_shutdown_timeout_s=1)
         members[m.name] = member.bind(m.model_dump(mode="json"), interweave, spec.deployment.transfer_dtype)
-    return server.bind(body, members)
+    return server.bind(body, members, engine_options)
 
 
-def build_app(configs: Sequence[str | Path | CompositionSpec], api_key: str | None = None,
-              ingress_options: dict | None = None) -> Application:
-    """The whole application for ``configs`` (YAML paths, built-in names, or parsed specs)."""
-    specs = [c if isinstance(c, CompositionSpec) else load_composition(c) for c in configs]
+def _spec(config: str | Path | dict | CompositionSpec) -> CompositionSpec:
+    if isinstance(config, CompositionSpec):
+        return config
+    if isinstance(config, dict):  # inline, e.g. in a ``serve run`` YAML; paths relative to the cwd
+        return parse_composition(config, base_dir=Path.cwd())
+    return load_composition(config)
+
+
+def build_app(configs: Sequence[str | Path | dict | CompositionSpec], api_key: str | None = None,
+              ingress_options: dict | None = None, engine_options: dict | None = None) -> Application:
+    """The whole application for ``configs`` (YAML paths, built-in names, dicts, or parsed specs).
+
+    ``engine_options`` go to every composition's AsyncEngine (max_batch, max_queue,
+    request_timeout) and ``torch_threads`` to its replica.
+    """
+    specs = [_spec(c) for c in configs]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"two compositions share a name: {names}")
     handles, bodies = {}, {}
     for spec in specs:
-        handles[spec.name] = _bind_composition(spec)
+        handles[spec.name] = _bind_composition(spec, dict(engine_options or {}))
         bodies[spec.name] = spec.model_dump(mode="json")
         logger.info("composition %s: %s, placement %s, options %s", spec.name, spec.method,
                     spec.deployment.placement, _deployment_options(spec))
@@ -74,6 +86,6 @@ def build_app(configs: Sequence[str | Path | CompositionSpec], api_key: str | No
 
 
 def app_builder(args: dict) -> Application:
-    """For ``serve run``/``serve deploy`` configs: ``args: {configs: [PATH, ...], api_key: ...}``."""
+    """For ``serve run``/``serve deploy``: ``args: {configs: [PATH | NAME | {composition}], api_key}``."""
     configs = args.get("configs") or ["default"]
     return build_app(configs, api_key=args.get("api_key"))

@@ -17,6 +17,7 @@ from compose_serve.config import parse_composition
 from compose_serve.engine.scheduler import AsyncEngine
 from compose_serve.engine.sequence import Request, TokenEvent
 from compose_serve.errors import ComposeError, EngineDeadError
+from compose_serve.http.server import set_torch_threads
 
 from .member import RemoteMember
 
@@ -26,8 +27,10 @@ logger = logging.getLogger(__name__)
 class CompositionServer:
     """A deployment replica serving one composition with its own continuous-batching engine."""
 
-    async def __init__(self, spec: dict, member_handles: dict | None = None) -> None:
+    async def __init__(self, spec: dict, member_handles: dict | None = None, engine_options: dict | None = None) -> None:
         # async: Ray Serve runs constructors in the replica's event loop, where a handle is awaited
+        options = dict(engine_options or {})
+        set_torch_threads(options.pop("torch_threads", None))
         composition_spec = parse_composition(spec)
         members = None
         if member_handles:  # distributed placement: members live in their own deployments
@@ -37,7 +40,7 @@ class CompositionServer:
                 info = await handle.info.remote()
                 members.append(RemoteMember(handle, member_spec.model, info))
         composition = build_composition(composition_spec, members=members)
-        self.engine = AsyncEngine.from_composition(composition)
+        self.engine = AsyncEngine.from_composition(composition, **options)
         logger.info("composition %s ready (%s placement)", composition.name,
                     "distributed" if members else "colocated")
 

@@ -1,0 +1,523 @@
+"""Translation between OpenAI JSON and the engine's Requests / TokenEvents, and the error mapper.
+
+Per HTTP request (``OpenAIServing.create_completion`` / ``create_chat_completion``):
+  1. resolve ``model``: a composition, or one member served alone (one-hot weights)   -> 404
+  2. prompt ids: completions take text or ids, one prompt or many; chat applies the
+     tokenizer's chat template to the messages                                          -> 400
+  3. SamplingParams, built once, names any bad field                                    -> 400
+  4. n Requests per prompt (seed + i when a seed is given), all admitted or none        -> 400/429
+  5. without ``stream``: every choice's events gathered into one response (text, finish_reason,
+     logprobs, usage, the ``composition`` diagnostics); with ``stream``: an ``EventStream`` of
+     SSE chunks as tokens arrive, the usage chunk when ``stream_options.include_usage``, then
+     ``[DONE]``; a failure after the first byte is sent as one error event and the stream ends.
+Usage counts each prompt once and every generated token (one TokenEvent is one token).
+Every exception becomes OpenAI's error JSON in ``error_response`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..engine.sequence import Request, TokenEvent
+from ..errors import (
+    ComposeError,
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+)
+from ..sampling import SamplingParams
+from .backend import Backend, CompositionInfo
+from .catalog import ModelCatalog
+from .inputs import (
+    chat_prompt_ids,
+    completion_prompts,
+    prompt_texts,
+    refuse_unsupported_chat,
+    refuse_unsupported_completion,
+    sampling_params,
+)
+from .outputs import (
+    TokenText,
+    add_completion_logprobs,
+    chat_logprob,
+    diagnostics,
+    finish_reason,
+    mean_diagnostics,
+    sse,
+    usage,
+)
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    ModelList,
+    UsageInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_N = 64
+
+Disconnected = Callable[[], Awaitable[None]]  # returns once the client has gone
+
+
+class AuthenticationError(ComposeError):
+    """Missing or wrong API key (HTTP 401)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+
+# -- one HTTP request as engine requests --------------------------------------------------------
+@dataclass
+class _Job:
+    """What an HTTP request became: ``requests[c]`` produces choice ``c``."""
+
+    id: str
+    model: str
+    composition: str
+    tokenizer: Any
+    prompts: list[list[int]]
+    requests: list[Request]
+    logprobs: int | None  # top-n asked for, None when no log-probs
+    include_usage: bool
+    echo: list[str] | None = None  # completions: each choice's prompt text
+
+
+class OpenAIServing:
+    """The endpoints' logic over a ``Backend``; the routes in ``app.py`` only call these."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.catalog = ModelCatalog(backend.compositions())
+        self.created = int(time.time())
+        self._token_text: dict[str, TokenText] = {}
+
+    def list_models(self) -> ModelList:
+        return self.catalog.cards(self.created)
+
+    # -- /v1/completions --------------------------------------------------------------------
+    async def create_completion(
+        self, body: CompletionRequest, disconnected: Disconnected | None = None
+    ):
+        """A CompletionResponse, or an EventStream of SSE lines when ``body.stream``."""
+        info, member = self.catalog.resolve(body.model)
+        refuse_unsupported_completion(body)
+        tokenizer = self.backend.tokenizer(info.name)
+        prompts = completion_prompts(tokenizer, body.prompt)
+        params = sampling_params(
+            body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs, {}
+        )
+        job = self._job("cmpl", body, info, member, tokenizer, prompts, params, body.logprobs)
+        if body.echo:
+            texts = prompt_texts(tokenizer, body.prompt, prompts)
+            job.echo = [texts[c // params.n] for c in range(len(job.requests))]
+        streams = await self._admit(job)
+        if body.stream:
+            return EventStream(self._completion_chunks(job, streams), streams)
+        events = await _gather(streams, disconnected)
+        return self._completion_response(job, events)
+
+    def _completion_response(self, job: _Job, events: list[list[TokenEvent]]) -> CompletionResponse:
+        token_text = self._tokens(job)
+        choices = []
+        for c, choice_events in enumerate(events):
+            prefix = job.echo[c] if job.echo else ""
+            logprobs = None
+            if job.logprobs is not None:
+                logprobs = CompletionLogprobs()
+                add_completion_logprobs(
+                    logprobs, choice_events, token_text, len(prefix), job.logprobs
+                )
+            choices.append(
+                CompletionChoice(
+                    index=c,
+                    text=prefix + "".join(e.text for e in choice_events),
+                    logprobs=logprobs,
+                    finish_reason=finish_reason(choice_events),
+                    composition=mean_diagnostics(choice_events),
+                )
+            )
+        return CompletionResponse(
+            id=job.id,
+            created=int(time.time()),
+            model=job.model,
+            choices=choices,
+            usage=usage(job.prompts, [len(e) for e in events]),
+        )
+
+    async def _completion_chunks(self, job: _Job, streams) -> AsyncIterator[str]:
+        created, token_text = int(time.time()), self._tokens(job)
+        offsets = [len(p) for p in job.echo] if job.echo else [0] * len(job.requests)
+        counts = [0] * len(job.requests)
+
+        def chunk(choices: list[CompletionChoice], totals: UsageInfo | None = None) -> str:
+            return sse(
+                CompletionResponse(
+                    id=job.id, created=created, model=job.model, choices=choices, usage=totals
+                ),
+                job.include_usage,
+            )
+
+        for c, text in enumerate(job.echo or []):
+            yield chunk([CompletionChoice(index=c, text=text)])
+        async with contextlib.aclosing(_merge(streams)) as events:
+            async for c, event in events:
+                counts[c] += 1
+                logprobs = None
+                if job.logprobs is not None:
+                    logprobs = CompletionLogprobs()
+                    add_completion_logprobs(logprobs, [event], token_text, offsets[c], job.logprobs)
+                    offsets[c] += len(logprobs.tokens[0])
+                if event.text or logprobs is not None or event.finish_reason:
+                    yield chunk(
+                        [
+                            CompletionChoice(
+                                index=c,
+                                text=event.text,
+                                logprobs=logprobs,
+                                finish_reason=event.finish_reason,
+                                composition=diagnostics(event.diagnostics),
+                            )
+                        ]
+                    )
+        if job.include_usage:
+            yield chunk([], usage(job.prompts, counts))
+        yield "data: [DONE]\n\n"
+
+    # -- /v1/chat/completions ---------------------------------------------------------------
+    async def create_chat_completion(
+        self, body: ChatCompletionRequest, disconnected: Disconnected | None = None
+    ):
+        """A ChatCompletionResponse, or an EventStream of SSE lines when ``body.stream``."""
+        info, member = self.catalog.resolve(body.model)
+        refuse_unsupported_chat(body)
+        tokenizer = self.backend.tokenizer(info.name)
+        prompt_ids = chat_prompt_ids(tokenizer, body.messages)
+        max_tokens, max_field = body.max_completion_tokens, "max_completion_tokens"
+        if max_tokens is None:
+            max_tokens, max_field = body.max_tokens, "max_tokens"
+        if max_tokens is None:
+            max_tokens = info.max_context - len(prompt_ids)
+            if max_tokens < 1:
+                raise ContextLengthError(
+                    f"the messages ({len(prompt_ids)} tokens) fill the context length "
+                    f"{info.max_context}",
+                    param="messages",
+                )
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(
+            body, max_tokens, top, {"max_tokens": max_field, "logprobs": "top_logprobs"}
+        )
+        job = self._job("chatcmpl", body, info, member, tokenizer, [prompt_ids], params, top)
+        streams = await self._admit(job)
+        if body.stream:
+            return EventStream(self._chat_chunks(job, streams), streams)
+        events = await _gather(streams, disconnected)
+        return self._chat_response(job, events)
+
+    def _chat_response(self, job: _Job, events: list[list[TokenEvent]]) -> ChatCompletionResponse:
+        token_text = self._tokens(job)
+        choices = [
+            ChatChoice(
+                index=c,
+                message=AssistantMessage(content="".join(e.text for e in choice_events)),
+                logprobs=None
+                if job.logprobs is None
+                else ChatLogprobs(
+                    content=[chat_logprob(e, token_text, job.logprobs) for e in choice_events]
+                ),
+                finish_reason=finish_reason(choice_events),
+                composition=mean_diagnostics(choice_events),
+            )
+            for c, choice_events in enumerate(events)
+        ]
+        return ChatCompletionResponse(
+            id=job.id,
+            created=int(time.time()),
+            model=job.model,
+            choices=choices,
+            usage=usage(job.prompts, [len(e) for e in events]),
+        )
+
+    async def _chat_chunks(self, job: _Job, streams) -> AsyncIterator[str]:
+        created, token_text = int(time.time()), self._tokens(job)
+        counts = [0] * len(job.requests)
+
+        def chunk(choices: list[ChatChunkChoice], totals: UsageInfo | None = None) -> str:
+            return sse(
+                ChatCompletionChunk(
+                    id=job.id, created=created, model=job.model, choices=choices, usage=totals
+                ),
+                job.include_usage,
+            )
+
+        for c in range(len(job.requests)):
+            yield chunk(
+                [ChatChunkChoice(index=c, delta=DeltaMessage(role="assistant", content=""))]
+            )
+        async with contextlib.aclosing(_merge(streams)) as events:
+            async for c, event in events:
+                counts[c] += 1
+                logprobs = None
+                if job.logprobs is not None:
+                    logprobs = ChatLogprobs(content=[chat_logprob(event, token_text, job.logprobs)])
+                if event.text or logprobs is not None or event.finish_reason:
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=c,
+                                delta=DeltaMessage(content=event.text),
+                                logprobs=logprobs,
+                                finish_reason=event.finish_reason,
+                                composition=diagnostics(event.diagnostics),
+                            )
+                        ]
+                    )
+        if job.include_usage:
+            yield chunk([], usage(job.prompts, counts))
+        yield "data: [DONE]\n\n"
+
+    # -- shared -----------------------------------------------------------------------------
+    def _job(
+        self,
+        kind: str,
+        body,
+        info: CompositionInfo,
+        member: str | None,
+        tokenizer,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        logprobs: int | None,
+    ) -> _Job:
+        """Expand ``n`` choices per prompt into Requests; a member model gets one-hot weights."""
+        if params.n > MAX_N:
+            raise InvalidRequestError(f"n must be <= {MAX_N}, got {params.n}", param="n")
+        composition = body.composition
+        if member is not None:
+            if composition:
+                raise InvalidRequestError(
+                    f"{body.model!r} is the member {member!r} of {info.name!r} served alone; "
+                    f"per-request composition needs the composition model",
+                    param="composition",
+                )
+            composition = {"weights": {member: 1.0}}
+        job_id = f"{kind}-{uuid.uuid4().hex}"
+        requests = []
+        for p, prompt_ids in enumerate(prompts):
+            for i in range(params.n):
+                seed = None if params.seed is None else params.seed + i
+                requests.append(
+                    Request(
+                        prompt_ids,
+                        replace(params, n=1, seed=seed),
+                        composition,
+                        request_id=f"{job_id}-{p * params.n + i}",
+                    )
+                )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _Job(
+            job_id, body.model, info.name, tokenizer, prompts, requests, logprobs, include_usage
+        )
+
+    async def _admit(self, job: _Job) -> list[AsyncIterator[TokenEvent]]:
+        """Admit every request of the job, or none (those admitted are aborted on a refusal)."""
+        streams = []
+        try:
+            for request in job.requests:
+                streams.append(await self.backend.generate(job.composition, request))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
+        return streams
+
+    def _tokens(self, job: _Job) -> TokenText:
+        if job.composition not in self._token_text:
+            self._token_text[job.composition] = TokenText(job.tokenizer)
+        return self._token_text[job.composition]
+
+
+# -- events -> responses ------------------------------------------------------------------------
+async def _merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """``(choice, event)`` from every stream as they arrive; closing this closes them all."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: int, stream) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((c, event))
+        except Exception as exc:
+            queue.put_nowait((c, exc))
+        finally:
+            queue.put_nowait((c, None))
+
+    tasks = [asyncio.ensure_future(pump(c, s)) for c, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            c, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield c, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+async def _gather(streams, disconnected: Disconnected | None) -> list[list[TokenEvent]]:
+    """Every choice's events; if the client goes first, abort them all and raise ClientGone."""
+
+    async def collect() -> list[list[TokenEvent]]:
+        out: list[list[TokenEvent]] = [[] for _ in streams]
+        async with contextlib.aclosing(_merge(streams)) as events:
+            async for c, event in events:
+                out[c].append(event)
+        return out
+
+    task = asyncio.ensure_future(collect())
+    watch = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+    try:
+        if watch is None:
+            return await task
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone("the client disconnected")
+    finally:
+        for pending in (task, watch):
+            if pending is not None and not pending.done():
+                pending.cancel()
+        for stream in streams:  # also when collect() never started
+            await stream.aclose()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready (nothing is sent)."""
+
+
+class EventStream:
+    """An SSE body: iterate for the lines; ``aclose()`` ends the requests even if never iterated."""
+
+    def __init__(self, lines: AsyncIterator[str], streams: list) -> None:
+        self._lines = lines
+        self._streams = streams
+        self._iterator: AsyncIterator[str] | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if self._iterator is None:
+            self._iterator = self._guarded()
+        return self._iterator
+
+    async def _guarded(self) -> AsyncIterator[str]:
+        try:
+            async for line in self._lines:
+                yield line
+        except Exception as exc:  # after the first byte: one error event, then the stream ends
+            _, error, _ = error_response(exc)
+            yield "data: " + error.model_dump_json() + "\n\n"
+
+    async def aclose(self) -> None:
+        if self._iterator is not None:
+            await self._iterator.aclose()
+        await self._lines.aclose()
+        for stream in self._streams:
+            await stream.aclose()
+
+
+# -- the one error mapper -----------------------------------------------------------------------
+ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (ContextLengthError, "context_length_exceeded"),
+    (ModelNotFoundError, "model_not_found"),
+    (QueueFullError, "rate_limit_exceeded"),
+    (AuthenticationError, "invalid_api_key"),
+)
+UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def error_response(exc: BaseException) -> tuple[int, ErrorResponse, dict[str, str]]:
+    """Any exception -> (HTTP status, OpenAI error body, headers). Bad input is never a 500."""
+    headers: dict[str, str] = {}
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and not isinstance(exc, ComposeError):  # FastAPI / pydantic validation
+        exc = _validation_error(errors())
+    if isinstance(exc, ComposeError):
+        code = next((c for cls, c in ERROR_CODES if isinstance(exc, cls)), None)
+        if isinstance(exc, QueueFullError):
+            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        info = ErrorInfo(message=exc.message, type=exc.error_type, param=exc.param, code=code)
+        return exc.status_code, ErrorResponse(error=info), headers
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and 400 <= status < 500:  # starlette: 404 no route, 405 ...
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+        info = ErrorInfo(message=str(getattr(exc, "detail", exc)), type=kind)
+        return status, ErrorResponse(error=info), headers
+    logger.error("internal error", exc_info=exc)
+    info = ErrorInfo(message=f"internal server error ({type(exc).__name__})", type="internal_error")
+    return 500, ErrorResponse(error=info), headers
+
+
+def _validation_error(errors: list[dict]) -> InvalidRequestError:
+    """The first of FastAPI's / pydantic's errors, naming the field as a dotted path."""
+    err = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    if err["type"] == "json_invalid":
+        detail = err.get("ctx", {}).get("error", "")
+        return InvalidRequestError(f"the request body is not valid JSON ({detail})", param=None)
+    loc = [p for p in err["loc"] if p != "body"]
+    path = [str(p) for p in loc if not (isinstance(p, str) and _union_tag(p))]
+    param = ".".join(path) or None
+    union = len(path) < len(loc)  # one of several accepted types: say so, not just the first
+    if param is None:
+        return InvalidRequestError(
+            "the request body must be a JSON object (Content-Type: application/json)"
+        )
+    if err["type"] == "missing":
+        return InvalidRequestError(f"{param} is required", param=param)
+    got = err.get("input")
+    got_text = (
+        f" (got {json.dumps(got)[:80]})"
+        if isinstance(got, (str, int, float, bool, type(None)))
+        else ""
+    )
+    if union:
+        return InvalidRequestError(
+            f"{param}: no accepted type matches{got_text}; first mismatch: {err['msg']}",
+            param=param,
+        )
+    return InvalidRequestError(f"{param}: {err['msg']}{got_text}", param=param)
+
+
+def _union_tag(part: str) -> bool:
+    return part in UNION_TAGS or "[" in part or part.startswith("function-")
