@@ -82,7 +82,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 when the CPU is shared)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = smollm2_dir()
@@ -120,10 +123,13 @@ def main() -> None:
                       "mixture_k2_vs_one_member": ratio("engine_mixture_k2", "engine_one", batch),
                       "siamese_gate_vs_lora": ratio("engine_siamese_gate", "engine_lora", batch)}
               for batch in args.batches}
+    import os
+
     result = {"benchmark": "decode", "unit": "output tokens/s (prefill included), median over repeats",
               "conditions": conditions(model="SmolLM2-135M-Instruct", dtype="float32", device=device,
                                        prompt_tokens=len(prompt_ids), new_tokens=args.tokens,
-                                       repeats=args.repeats, lora_rank=16, gate_rank=8),
+                                       repeats=args.repeats, lora_rank=16, gate_rank=8,
+                                       load_average=os.getloadavg()),
               "targets": {"one_member_vs_generate": 1.0, "mixture_k2_vs_one_member": 0.48,
                           "siamese_gate_vs_lora_at_b8": 0.8},
               "rows": rows, "ratios": ratios}

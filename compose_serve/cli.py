@@ -1,5 +1,9 @@
 """``compose-serve``: the command line.
 
+    compose-serve serve [--config FILE|NAME ...] [--in-process] [--address RAY] [--port 8000]
+    compose-serve train --task NAME --out DIR          (a LoRA specialist on generated task data)
+    compose-serve train-imsm --task NAME --out DIR     (IMSM: adapter + gate jointly)
+    compose-serve merge --method ... --out DIR         (weight-merged baselines)
     compose-serve generate --config FILE|NAME --prompt TEXT [--chat] [--max-tokens N]
                            [--temperature T] [--seed S] [--top-logprobs K] [--weights a=0.3,b=0.7] [--json]
 
@@ -142,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
     add_serve(sub)
+    from .merge import add_merge
+    from .train.commands import add_train
+    from .train.imsm import add_train_imsm
+
+    add_train(sub)
+    add_train_imsm(sub)
+    add_merge(sub)
     return parser
 
 
