@@ -116,6 +116,13 @@ def merged_model(name: str, merge_dir: Path) -> Path:
     return out
 
 
+def shown(path: str) -> str:
+    """A member as the results show it: repo-relative for adapters, ``merges/NAME`` for merges."""
+    if Path(path).is_relative_to(ROOT):
+        return str(Path(path).relative_to(ROOT))
+    return f"merges/{Path(path).name}" if Path(path).is_absolute() else path
+
+
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson 95% interval of a proportion."""
     if n == 0:
@@ -133,7 +140,7 @@ def measure(row: str, spec: dict, n: int, texts: list[str], max_batch: int) -> d
     result = {
         "row": row,
         "method": spec["method"],
-        "members": [m.get("adapter") or m["model"] for m in spec["members"]],
+        "members": [shown(m.get("adapter") or m["model"]) for m in spec["members"]],
         "weights": [m.get("weight") for m in spec["members"]],
         "params": spec.get("params", {}),
     }
@@ -207,7 +214,11 @@ def plot(results: list[dict], path: Path) -> None:
     ax_acc.set_ylabel("exact match (greedy), Wilson 95% interval")
     ax_acc.set_ylim(0, 1)
     ax_acc.legend()
-    ax_nll.barh(names, [r["general_nll"]["mean"] for r in measured], color="gray")
+    nlls = [r["general_nll"]["mean"] for r in measured]
+    ax_nll.barh(names, nlls, color="gray")
+    for y, value in enumerate(nlls):
+        ax_nll.text(value, y, f" {value:.3f}", va="center", fontsize=8)
+    ax_nll.set_xlim(min(nlls) - 0.3, max(nlls) + 0.25)  # the differences, not the bulk
     ax_nll.invert_yaxis()
     ax_nll.tick_params(axis="y", labelsize=8)
     ax_nll.set_xlabel("general-text NLL (nats/token, lower is better)")
@@ -230,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--merge-dir", type=Path, default=cache_root() / "bench-merges")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from quality.json")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads((args.out / "quality.json").read_text())["rows"], args.out / "quality.png")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = args.rows.split(",") if args.rows else row_names()
@@ -250,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.append(measure(row, row_spec(row, args.merge_dir), n, texts, args.max_batch))
     settings = {
+        "command": " ".join(
+            ["python", "benchmarks/quality/bench_quality.py", *(argv or sys.argv[1:])]
+        ),
         "n": args.n,
         "n_compositions": args.n_compositions or args.n,
         "passages": args.passages,
