@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,8 +26,7 @@ import torch
 import yaml
 
 from ..methods.interweave import ImsmGate
-from .lora import IGNORE, TrainResult, collate, encode_example, lr_factor
-from .tasks import train_stream
+from .lora import IGNORE, TrainResult, train_loop
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -126,44 +124,15 @@ def make_models(lm: torch.nn.Module, settings: ImsmSettings):
 
 
 def fit_imsm(model, gate, tokenizer, settings: ImsmSettings, progress: bool = True) -> TrainResult:
-    """The joint training loop; returns the per-step losses."""
-    from tqdm.auto import tqdm
-
+    """The joint training loop (adapter and gate, separate learning rates); returns the losses."""
     torch.manual_seed(settings.seed)
-    adapter_params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": adapter_params, "lr": settings.lr}]
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": settings.lr}]
+    modules = [model]
     if gate is not None:
         groups.append({"params": list(gate.parameters()), "lr": settings.gate_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, settings.steps, settings.warmup)
-    )
-    stream = train_stream(settings.task, settings.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    params = adapter_params + (list(gate.parameters()) if gate is not None else [])
-    result, started = TrainResult(), time.perf_counter()
-    model.train()
-    if gate is not None:
-        gate.train()
-    bar = tqdm(range(settings.steps), desc=f"imsm {settings.task}", disable=not progress)
-    for _ in bar:
-        batch = collate(
-            [encode_example(tokenizer, next(stream)) for _ in range(settings.batch_size)], pad_id
-        )
-        loss = imsm_loss(model, gate, **{k: v.to(device) for k, v in batch.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
-    model.eval()
-    if gate is not None:
-        gate.eval()
-    result.seconds = time.perf_counter() - started
-    return result
+        modules.append(gate)
+    return train_loop(lambda batch: imsm_loss(model, gate, **batch), groups, modules, tokenizer, settings,
+                      f"imsm {settings.task}", progress)
 
 
 def save_imsm(

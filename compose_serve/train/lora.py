@@ -165,35 +165,51 @@ def reply_loss(
 
 
 def fit(model, tokenizer, settings: TrainSettings, progress: bool = True) -> TrainResult:
-    """The training loop over ``settings.steps`` batches; returns the per-step losses."""
-    from tqdm.auto import tqdm
-
+    """Train the LoRA adapter of ``model`` on the task's reply tokens; returns the losses."""
     torch.manual_seed(settings.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    return train_loop(lambda batch: reply_loss(model, **batch), [{"params": trainable, "lr": settings.lr}],
+                      [model], tokenizer, settings, f"lora {settings.task}", progress)
+
+
+def train_loop(loss_fn, param_groups: list[dict], modules: list[torch.nn.Module], tokenizer, settings,
+               desc: str, progress: bool = True) -> TrainResult:
+    """The loop every trainer here shares, over ``settings.steps`` batches of the task stream.
+
+    ``loss_fn(batch) -> loss`` (batch: ``input_ids``, ``attention_mask``, ``labels``, each
+    ``[B, L]`` on the modules' device); AdamW over ``param_groups`` (each with its own ``lr``)
+    with ``settings.weight_decay``, warm-up then cosine (``lr_factor``), gradients clipped at 1.
+    ``modules`` are put in training mode for the loop and back in eval mode after it.
+    """
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup)
     )
+    params = [p for group in param_groups for p in group["params"]]
     stream = train_stream(settings.task, settings.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    device = params[0].device
     result = TrainResult()
     started = time.perf_counter()
-    model.train()
-    bar = tqdm(range(settings.steps), desc=f"lora {settings.task}", disable=not progress)
+    for module in modules:
+        module.train()
+    bar = tqdm(range(settings.steps), desc=desc, disable=not progress)
     for _ in bar:
         batch = collate(
             [encode_example(tokenizer, next(stream)) for _ in range(settings.batch_size)], pad_id
         )
-        loss = reply_loss(model, **{k: v.to(device) for k, v in batch.items()})
+        loss = loss_fn({k: v.to(device) for k, v in batch.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         result.losses.append(loss.item())
         bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
-    model.eval()
+    for module in modules:
+        module.eval()
     result.seconds = time.perf_counter() - started
     return result
 
