@@ -26,31 +26,23 @@ import torch
 import yaml
 
 from ..methods.interweave import ImsmGate
-from .lora import IGNORE, TrainResult, train_loop
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .lora import IGNORE, TrainResult, TrainSettings, train_loop
 
 
 @dataclass(frozen=True)
-class ImsmSettings:
-    """A run's settings (stored in ``train_run.json``); the defaults are the paper's."""
+class ImsmSettings(TrainSettings):
+    """A run's settings (stored in ``train_run.json``): LoRA's fields with the paper's defaults,
+    plus the gate's."""
 
-    task: str
-    model: str = "smollm2-135m-instruct"
-    steps: int = 200
     batch_size: int = 16
     rank: int = 16
     alpha: int = 16
     dropout: float = 0.1
     lr: float = 3e-4
-    gate_lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup: float = 0.1
+    gate_lr: float = 1e-3
     gate: str = "vector"  # vector | no_query | none
     gate_rank: int = 8
-    seed: int = 0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    device: str = "cpu"
 
 
 def prompt_means(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
