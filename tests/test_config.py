@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -65,7 +67,9 @@ def test_yaml_paths_are_relative_to_the_file(tmp_path):
 
 def test_builtin_configs_load_by_name_and_bad_files_are_named(tmp_path):
     assert {"default", "smollm2"} <= set(builtin_configs())
-    assert load_composition("default").name == "smollm2-mixture"
+    spec = load_composition("default")
+    assert spec.name == "specialists"
+    assert all(Path(m.adapter).is_dir() for m in spec.members)  # the committed adapters, resolved
     with pytest.raises(ConfigError, match="does not exist") as err:
         load_composition(tmp_path / "none.yaml")
     assert err.value.param == "config"
