@@ -148,11 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(sub)
     from .merge import add_merge
     from .train.commands import add_train
+    from .train.distill import add_distill
     from .train.imsm import add_train_imsm
 
     add_train(sub)
     add_train_imsm(sub)
     add_merge(sub)
+    add_distill(sub)
     return parser
 
 

@@ -132,6 +132,24 @@ class HFMember(Member):
     def release(self, slots) -> None:
         self.kv.drop(list(slots))
 
+    # -- teacher forcing (training, distillation, evaluation; no cache is kept) ------------
+    @torch.inference_mode()
+    def sequence_logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits at every position of right-padded ``ids [B, T]`` (``mask [B, T]``): ``[B, T, V]``,
+        or ``[N, V]`` at the ``N`` true positions of ``select [B, T]``. Position t scores token t+1.
+        ``prompt [B, T]`` marks each row's prompt tokens (a siamese member takes its means there)."""
+        hidden = self.forward_sequences(ids, mask)
+        return self.logits(hidden if select is None else hidden[select.to(self.device)])
+
+    def forward_sequences(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[B, T, d]`` of right-padded rows, no cache kept."""
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.decoder(
+            input_ids=ids, attention_mask=mask, position_ids=self.positions(mask), use_cache=False
+        ).last_hidden_state
+
     # -- the steps ------------------------------------------------------------------------
     def pad_prompts(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad prompts into ``ids [n, Lp]`` and ``mask [n, Lp]``."""

@@ -99,6 +99,19 @@ class SiameseMember(HFMember):
         for slot in slots:
             self.prompt_means.pop(slot, None)
 
+    @torch.inference_mode()
+    def sequence_logits(self, ids, mask, prompt, select=None) -> torch.Tensor:
+        """Teacher forcing of the interwoven model (see ``HFMember.sequence_logits``): both streams
+        in one forward over ``2B`` rows, the prompt means taken over ``prompt [B, T]`` as at prefill,
+        the gate applied at every position, one LM head."""
+        self._row_adapters = ["__base__", self.adapter_name] * ids.shape[0]
+        hidden = self.forward_sequences(ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0))
+        streams = hidden.view(ids.shape[0], 2, *hidden.shape[1:])  # [B, 2, T, d]
+        weights = prompt.to(self.device).unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        means = (streams * weights.unsqueeze(1)).sum(2, keepdim=True) / weights.sum(1).clamp_min(1).view(-1, 1, 1, 1)
+        fused, _ = interweave(self.gate, means[:, 0], streams[:, 0], streams[:, 1], means[:, 1])  # [B, T, d]
+        return self.logits(fused if select is None else fused[select.to(self.device)])
+
     def _fuse(self, last_hidden: torch.Tensor, means: torch.Tensor) -> Scores:
         """``last_hidden [2B, d]`` (rows base, adapted, base, ...), ``means [B, 2, d]``."""
         streams = last_hidden.view(-1, 2, last_hidden.shape[-1])  # [B, 2, d]

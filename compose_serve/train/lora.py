@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,12 +173,22 @@ def fit(model, tokenizer, settings: TrainSettings, progress: bool = True) -> Tra
                       [model], tokenizer, settings, f"lora {settings.task}", progress)
 
 
-def train_loop(loss_fn, param_groups: list[dict], modules: list[torch.nn.Module], tokenizer, settings,
-               desc: str, progress: bool = True) -> TrainResult:
-    """The loop every trainer here shares, over ``settings.steps`` batches of the task stream.
+def task_batches(tokenizer, settings) -> Iterator[dict[str, torch.Tensor]]:
+    """``settings.batch_size`` items of the task's train stream per batch, collated, forever."""
+    stream = train_stream(settings.task, settings.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    while True:
+        yield collate([encode_example(tokenizer, next(stream)) for _ in range(settings.batch_size)], pad_id)
 
-    ``loss_fn(batch) -> loss`` (batch: ``input_ids``, ``attention_mask``, ``labels``, each
-    ``[B, L]`` on the modules' device); AdamW over ``param_groups`` (each with its own ``lr``)
+
+def train_loop(loss_fn, param_groups: list[dict], modules: list[torch.nn.Module], tokenizer, settings,
+               desc: str, progress: bool = True,
+               batches: Iterator[dict[str, torch.Tensor]] | None = None) -> TrainResult:
+    """The loop every trainer here shares, over ``settings.steps`` batches.
+
+    ``batches`` yields dicts of ``[B, L]`` tensors (default ``task_batches``: ``input_ids``,
+    ``attention_mask``, ``labels`` of the task stream); ``loss_fn(batch) -> loss`` gets each one
+    moved to the modules' device. AdamW over ``param_groups`` (each with its own ``lr``)
     with ``settings.weight_decay``, warm-up then cosine (``lr_factor``), gradients clipped at 1.
     ``modules`` are put in training mode for the loop and back in eval mode after it.
     """
@@ -188,8 +199,7 @@ def train_loop(loss_fn, param_groups: list[dict], modules: list[torch.nn.Module]
         optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup)
     )
     params = [p for group in param_groups for p in group["params"]]
-    stream = train_stream(settings.task, settings.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = batches if batches is not None else task_batches(tokenizer, settings)
     device = params[0].device
     result = TrainResult()
     started = time.perf_counter()
@@ -197,9 +207,7 @@ def train_loop(loss_fn, param_groups: list[dict], modules: list[torch.nn.Module]
         module.train()
     bar = tqdm(range(settings.steps), desc=desc, disable=not progress)
     for _ in bar:
-        batch = collate(
-            [encode_example(tokenizer, next(stream)) for _ in range(settings.batch_size)], pad_id
-        )
+        batch = next(batches)
         loss = loss_fn({k: v.to(device) for k, v in batch.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
