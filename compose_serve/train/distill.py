@@ -429,7 +429,7 @@ def distill(settings: DistillSettings, out: str | Path, command: str | None = No
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = distill_batches(settings, tokenizer, composition, rationale_members)
     result: TrainResult = train_loop(distiller, [{"params": trainable, "lr": settings.lr}], [model], tokenizer,
-                                     settings, f"distill {settings.mode}", progress, batches=batches)
+                                     settings, f"distill {settings.mode} lam={settings.lam}", progress, batches=batches)
     report.update(
         seconds=round(result.seconds, 1),
         final_loss=result.final_loss,

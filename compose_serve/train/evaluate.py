@@ -5,12 +5,10 @@
 - ``task_accuracy``: exact match of their texts (``tasks.score``); ``mean_member_weights``: which
   member carried how much of the fused distribution, averaged over the generated tokens.
 - ``composition_scorer``: the next-token log-probs of the *fused* distribution under teacher
-  forcing, for ``general_text.mean_nll``. Every member runs once over the whole batch
-  (``[B, T]`` -> logits ``[B, T, V]``), and the composition's own ``method.fuse`` fuses each
-  position as the engine would fuse that decoding step: rows ``B * (T - 1)``, weights ``[rows, K]``.
-  Per-step dynamic weights (``entropy``) therefore act per position; PackLLM weights
-  (``prompt_perplexity``) come from each member's NLL over the first ``prompt_tokens`` tokens of the
-  row, standing in for the prompt a request would have.
+  forcing, for ``general_text.mean_nll``, through ``teacher.FusedTeacher`` (every member runs
+  once over the batch; the method fuses each position as the engine fuses a decoding step).
+  The first ``prompt_tokens`` tokens of each row stand in for the prompt a request would have
+  (PackLLM weights, IMSM prompt means).
 """
 
 from __future__ import annotations
@@ -70,53 +68,24 @@ def mean_member_weights(completions: list[Completion]) -> dict[str, float]:
     return {name: total / max(steps, 1) for name, total in totals.items()}
 
 
-def member_logits(member, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One member's logits ``[B, T, V]`` over right-padded ``ids [B, T]`` (no cache kept)."""
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = member.decoder(
-        input_ids=ids.to(member.device),
-        attention_mask=mask.to(member.device),
-        position_ids=positions.to(member.device),
-        use_cache=False,
-    ).last_hidden_state
-    return member.logits(hidden)
+def composition_scorer(composition, override: dict | None = None, prompt_tokens: int = PROMPT_TOKENS):
+    """A ``general_text`` scorer for the fused distribution of ``composition``: ``(ids [B, T],
+    mask [B, T]) -> logprobs [B, T-1, V]`` (rows at padding positions are 0); ``override`` is a
+    request's ``composition`` extension. The first
+    ``prompt_tokens`` real tokens of each row play the prompt (PackLLM weights, IMSM means)."""
+    from .teacher import FusedTeacher
 
-
-def composition_scorer(
-    composition, weights: list[float] | None = None, prompt_tokens: int = PROMPT_TOKENS
-):
-    """A ``general_text`` scorer for the fused distribution of ``composition`` (HF members only)."""
-    method = composition.method
-    row_weights = torch.tensor(weights or method.default_weights(), dtype=torch.float32)  # [K]
-    vocab = composition.vocab_size
+    teacher = FusedTeacher(composition, override)
 
     @torch.inference_mode()
     def score(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, width = ids.shape
-        logits = [
-            member_logits(m, ids, mask)[:, :-1, :vocab] for m in composition.members
-        ]  # K x [B, T-1, V]
-        w = row_weights.expand(batch, -1).clone()  # [B, K]
-        if method.uses_prompt_nll:
-            w = method.weights_from_prompt_nll(
-                prompt_nll(logits, ids, mask, prompt_tokens), method.tau
-            )
-        flat_w = w.repeat_interleave(width - 1, dim=0).to(logits[0].device)  # [B * (T-1), K]
-        fused = method.fuse([z.reshape(-1, vocab) for z in logits], flat_w)
-        return fused.logprobs.view(batch, width - 1, vocab)
+        select = torch.zeros_like(mask, dtype=torch.bool)
+        select[:, :-1] = (mask[:, :-1] * mask[:, 1:]).bool()  # position t scores real token t + 1
+        prompt = mask.bool() & (mask.cumsum(dim=1) <= prompt_tokens)
+        rows = teacher(ids, mask, prompt, select)  # [N, V]
+        out = rows.new_zeros(batch, width, rows.shape[-1])
+        out[select.to(rows.device)] = rows
+        return out[:, :-1]
 
     return score
-
-
-def prompt_nll(
-    logits: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, prompt_tokens: int
-) -> torch.Tensor:
-    """Each member's mean NLL over the first ``prompt_tokens`` tokens of each row: ``[B, K]``."""
-    targets = ids[:, 1:prompt_tokens].to(logits[0].device)
-    valid = mask[:, 1:prompt_tokens].to(logits[0].device).float()
-    out = []
-    for z in logits:
-        logprobs = torch.log_softmax(z[:, : prompt_tokens - 1].float(), dim=-1)
-        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        out.append(-(picked * valid).sum(1) / valid.sum(1).clamp(min=1))
-    return torch.stack(out, dim=1)
