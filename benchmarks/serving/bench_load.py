@@ -3,7 +3,8 @@
     python benchmarks/serving/bench_load.py [--tokens 64] [--levels 1 4 16] [--repeats 3]
 
 The server is ``compose-serve serve --config smollm2 default`` (SmolLM2-135M-Instruct alone, and
-``default``: a K=2 mixture of SmolLM2 with itself), started by this script on a free port. A
+``default``, served as ``specialists``: the K=2 mixture 0.5/0.5 of the project's add and reverse
+LoRA specialists), started by this script on a free port. A
 round at concurrency C runs C clients back to back (closed loop) until max(C, --min-requests)
 chat requests are done; each request is greedy, streams, ignores EOS so that it produces exactly
 ``--tokens`` tokens, and asks for log-probs so that every token arrives in a chunk of its own.
@@ -13,6 +14,9 @@ measured. Per request: TTFT (send to first token), inter-token latencies, its de
 Medians, p90 and spread go to ``benchmarks/results/serving_cpu.json`` with the conditions (the
 load average too: the machine may be shared), and the ratio of the median aggregate rates at the
 highest concurrency and at 1 (target >= 4).
+
+``start_server``/``stop_server``, ``token_arrivals``/``request_record``, ``closed_loop``,
+``level_row`` and ``format_row`` are imported by ``benchmarks/throughput/bench_throughput.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterable, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -78,6 +84,39 @@ def start_server(
     return proc, match.group(0)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server of ``start_server`` (SIGINT, then SIGKILL after a minute)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+async def token_arrivals(stream: AsyncIterable[Any]) -> list[float]:
+    """The arrival time of every token of a streamed chat completion (with log-probs on, one
+    ``logprobs.content`` entry per token); works for ``openai``'s chunks and the project's."""
+    arrivals: list[float] = []
+    async for chunk in stream:
+        for choice in chunk.choices:
+            n = len(choice.logprobs.content) if choice.logprobs and choice.logprobs.content else 0
+            arrivals.extend([time.perf_counter()] * n)
+    return arrivals
+
+
+def request_record(sent: float, arrivals: list[float], tokens: int) -> dict:
+    """TTFT, inter-token latencies and decode rate of one request sent at ``sent``."""
+    if len(arrivals) != tokens:
+        raise RuntimeError(f"expected {tokens} tokens, got {len(arrivals)}")
+    return {
+        "ttft": arrivals[0] - sent,
+        "itl": [b - a for a, b in zip(arrivals[:-1], arrivals[1:], strict=True)],
+        "decode_rate": (len(arrivals) - 1) / max(arrivals[-1] - arrivals[0], 1e-9),
+        "tokens": len(arrivals),
+    }
+
+
 async def one_request(client: AsyncComposeClient, model: str, question: str, tokens: int) -> dict:
     """One streamed chat request: the arrival time of each token (one chunk per token)."""
     sent = time.perf_counter()
@@ -91,37 +130,41 @@ async def one_request(client: AsyncComposeClient, model: str, question: str, tok
         top_logprobs=0,
         stream=True,
     )
-    arrivals = []
-    async for chunk in stream:
-        for choice in chunk.choices:
-            n = len(choice.logprobs.content) if choice.logprobs and choice.logprobs.content else 0
-            arrivals.extend([time.perf_counter()] * n)
-    if len(arrivals) != tokens:
-        raise RuntimeError(f"expected {tokens} tokens, got {len(arrivals)}")
-    return {
-        "ttft": arrivals[0] - sent,
-        "itl": [b - a for a, b in zip(arrivals[:-1], arrivals[1:], strict=True)],
-        "decode_rate": (len(arrivals) - 1) / max(arrivals[-1] - arrivals[0], 1e-9),
-        "tokens": len(arrivals),
-    }
+    return request_record(sent, await token_arrivals(stream), tokens)
+
+
+RequestFn = Callable[[Any, str, str, int], Awaitable[dict]]
+
+
+async def closed_loop(
+    client: Any,
+    model: str,
+    concurrency: int,
+    requests: int,
+    tokens: int,
+    request: RequestFn = one_request,
+) -> dict:
+    """``concurrency`` closed-loop workers sharing ``client`` until ``requests`` are done, each
+    request ``request(client, model, question, tokens)``: the round's wall time and records."""
+    todo = list(range(requests))
+    records: list[dict] = []
+
+    async def worker() -> None:
+        while todo:
+            i = todo.pop()
+            question = QUESTIONS[i % len(QUESTIONS)]
+            records.append(await request(client, model, question, tokens))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    return {"wall": wall, "tokens": sum(r["tokens"] for r in records), "records": records}
 
 
 async def run_round(url: str, model: str, concurrency: int, requests: int, tokens: int) -> dict:
     """``concurrency`` closed-loop clients until ``requests`` are done: the round's records."""
-    todo = list(range(requests))
-    records = []
-
-    async def worker(client):
-        while todo:
-            i = todo.pop()
-            question = QUESTIONS[i % len(QUESTIONS)]
-            records.append(await one_request(client, model, question, tokens))
-
     async with AsyncComposeClient(url, max_retries=0, timeout=600) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return {"wall": wall, "tokens": sum(r["tokens"] for r in records), "records": records}
+        return await closed_loop(client, model, concurrency, requests, tokens)
 
 
 def level_row(concurrency: int, tokens: int, rounds: list[dict]) -> dict:
@@ -137,6 +180,18 @@ def level_row(concurrency: int, tokens: int, rounds: list[dict]) -> dict:
         "inter_token_latency_s": summary([x for r in records for x in r["itl"]]),
         "per_request_tokens_per_s": summary([r["decode_rate"] for r in records]),
     }
+
+
+def format_row(model: str, row: dict) -> str:
+    """One line of a ``level_row``: aggregate rate [spread], TTFT and ITL p50/p90 in ms."""
+    rate = row["aggregate_tokens_per_s"]
+    return (
+        f"{model:16s} c={row['concurrency']:2d}  "
+        f"{rate['median']:6.1f} tok/s [{rate['min']:5.1f}, {rate['max']:5.1f}]  "
+        f"TTFT p50 {row['ttft_s']['median'] * 1e3:6.0f} ms p90 {row['ttft_s']['p90'] * 1e3:6.0f}  "
+        f"ITL p50 {row['inter_token_latency_s']['median'] * 1e3:5.0f} ms "
+        f"p90 {row['inter_token_latency_s']['p90'] * 1e3:5.0f}"
+    )
 
 
 async def warm_up(url: str, model: str) -> None:
@@ -155,15 +210,7 @@ def bench_model(url: str, model: str, args) -> dict:
             rounds[level].append(asyncio.run(run_round(url, model, level, requests, args.tokens)))
     rows = [level_row(level, args.tokens, rounds[level]) for level in args.levels]
     for row in rows:
-        print(
-            f"{model:16s} c={row['concurrency']:2d}  "
-            f"{row['aggregate_tokens_per_s']['median']:6.1f} tok/s "
-            f"[{row['aggregate_tokens_per_s']['min']:5.1f}, {row['aggregate_tokens_per_s']['max']:5.1f}]  "
-            f"TTFT p50 {row['ttft_s']['median'] * 1e3:6.0f} ms p90 {row['ttft_s']['p90'] * 1e3:6.0f}  "
-            f"ITL p50 {row['inter_token_latency_s']['median'] * 1e3:5.0f} ms "
-            f"p90 {row['inter_token_latency_s']['p90'] * 1e3:5.0f}",
-            flush=True,
-        )
+        print(format_row(model, row), flush=True)
     low, high = rows[0], rows[-1]
     ratio = high["aggregate_tokens_per_s"]["median"] / low["aggregate_tokens_per_s"]["median"]
     return {
@@ -180,7 +227,7 @@ def main() -> int:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=3, help="rounds per level (median reported)")
     parser.add_argument("--min-requests", type=int, default=2, help="per round, at least")
-    parser.add_argument("--models", nargs="+", default=["smollm2", "smollm2-mixture"])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "specialists"])
     parser.add_argument(
         "--torch-threads", type=int, default=None, help="the server's (default: its own rule)"
     )
@@ -192,8 +239,7 @@ def main() -> int:
     try:
         results = {model: bench_model(url, model, args) for model in args.models}
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        stop_server(proc)
 
     report = {
         "benchmark": "serving load: HTTP server (in-process engine) + AsyncComposeClient, streamed chat",
@@ -202,7 +248,8 @@ def main() -> int:
             client="AsyncComposeClient (httpx), closed loop, one chunk per token (logprobs on)",
             models={
                 "smollm2": "SmolLM2-135M-Instruct, one member",
-                "smollm2-mixture": "K=2 mixture of SmolLM2 with itself (weights 0.5/0.5, T 0.7/1.0)",
+                "specialists": "K=2 mixture of the add and reverse LoRA specialists of SmolLM2 "
+                "(adapters/, weights 0.5/0.5)",
             },
             server_torch_threads=args.torch_threads or max(1, (os.cpu_count() or 2) - 1),
             dtype="float32",
