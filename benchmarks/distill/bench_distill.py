@@ -15,7 +15,10 @@ Columns: greedy exact match on each skill's first ``n`` held-out items (Wilson 9
 KL(composition || row) per reply token over the first ``n_kl`` held-out items of each skill
 (prompt + gold reply, teacher-forced; the composition's fused distribution against the row's);
 decode tokens/s of the engine at batch 8, 32 tokens per sequence (EOS ignored), median of 3.
-Students are trained once into ``--work`` and reused unless ``--retrain``. Results:
+Students are trained once into ``--work`` and reused unless ``--retrain``. With ``--reuse-quality``
+the accuracy of the rows the quality benchmark also has (composition = its ``mixture_fixed``,
+specialists, TIES, base) is read from ``results/quality.json`` instead of measured again (the same
+held-out items through the same greedy engine path); KL and tokens/s are measured here for all. Results:
 ``benchmarks/results/distill.{json,csv}``.
 """
 
@@ -104,13 +107,32 @@ def tokens_per_second(composition, batch: int = 8, tokens: int = 32, repeats: in
     return {"median": statistics.median(rates), "all": rates, "batch": batch, "tokens": tokens}
 
 
+QUALITY_ROWS = {"composition": "composition:mixture_fixed", "specialist:add": "specialist:add",
+                "specialist:reverse": "specialist:reverse", "merge:ties": "merge:ties", "base": "base"}
+
+
+def quality_accuracy(row: str, skill: str, n: int) -> float | None:
+    """The row's accuracy from ``results/quality.json`` (same held-out items, same greedy engine
+    path), when that run scored the same ``n``; None otherwise."""
+    path = ROOT / "benchmarks" / "results" / "quality.json"
+    if row not in QUALITY_ROWS or not path.is_file():
+        return None
+    for r in json.loads(path.read_text())["rows"]:
+        if r["row"] == QUALITY_ROWS[row] and r.get(skill, {}).get("n") == n:
+            return r[skill]["accuracy"]
+    return None
+
+
 def measure(row: str, spec: dict, teacher: FusedTeacher, args) -> dict:
     started = time.perf_counter()
     composition = build_composition(parse_composition(spec))
     result: dict = {"row": row, "members": [m.get("adapter") or m["model"] for m in spec["members"]]}
     scored = FusedTeacher(composition)
     for skill in SKILLS:
-        acc, completions = evaluate.task_accuracy(composition, tasks.heldout(skill, args.n), max_batch=32)
+        acc = quality_accuracy(row, skill, args.n) if args.reuse_quality else None
+        result["accuracy_source"] = "results/quality.json" if acc is not None else "measured here"
+        if acc is None:
+            acc, _ = evaluate.task_accuracy(composition, tasks.heldout(skill, args.n), max_batch=32)
         kl = 0.0 if row == "composition" else teacher_kl(teacher, scored, tasks.heldout(skill, args.n_kl))
         result[skill] = {"accuracy": acc, "n": args.n, "ci95": wilson(round(acc * args.n), args.n),
                          "kl_to_composition": kl, "n_kl": args.n_kl}
@@ -135,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--reuse-quality", action="store_true",
+                        help="take the accuracy of the non-student rows from results/quality.json")
     parser.add_argument("--work", type=Path, default=cache_root() / "bench-distill")
     parser.add_argument("--merge-dir", type=Path, default=cache_root() / "bench-merges")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
