@@ -291,9 +291,11 @@ def task_names(task: str) -> list[str]:
 
 
 def distill_batches(settings: DistillSettings, tokenizer, composition=None,
-                    rationale_members: list | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                    rationale_members: list | None = None,
+                    samples: list[dict] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Collated batches of ``settings.batch_size`` items; with ``rationale_members`` each item
-    brings its answer row plus one rationale row per member (``groups [B']``)."""
+    brings its answer row plus one rationale row per member (``groups [B']``). The first batch's
+    items (with any written answers and rationales) are appended to ``samples``, for the report."""
     from .evaluate import complete
 
     stream = example_stream(settings)
@@ -313,6 +315,8 @@ def distill_batches(settings: DistillSettings, tokenizer, composition=None,
                     if text:  # an empty rationale teaches nothing
                         prompt = student_rationale_prompt(e, member.members[0].name)
                         rows.append((Example(e.task, prompt, text), k + 1))
+        if samples is not None and not samples:
+            samples.extend({"prompt": e.prompt, "target": e.answer, "group": g} for e, g in rows)
         batch = collate([encode_example(tokenizer, e) for e, _ in rows], pad_id)
         batch["groups"] = torch.tensor([g for _, g in rows], dtype=torch.long)
         yield batch
@@ -427,7 +431,8 @@ def distill(settings: DistillSettings, out: str | Path, command: str | None = No
 
     distiller = Distiller(model, settings, teacher, sd, rationale_weights)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batches = distill_batches(settings, tokenizer, composition, rationale_members)
+    samples: list[dict] = []
+    batches = distill_batches(settings, tokenizer, composition, rationale_members, samples)
     result: TrainResult = train_loop(distiller, [{"params": trainable, "lr": settings.lr}], [model], tokenizer,
                                      settings, f"distill {settings.mode} lam={settings.lam}", progress, batches=batches)
     report.update(
@@ -435,6 +440,7 @@ def distill(settings: DistillSettings, out: str | Path, command: str | None = No
         final_loss=result.final_loss,
         history_every_10=distiller.history[::10],
         trainable_parameters=sum(p.numel() for p in trainable),
+        first_batch=samples,
     )
     if eval_n and settings.data is None:
         report["after"] = evaluate_student(student, teacher, settings, eval_n)
