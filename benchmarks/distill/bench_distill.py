@@ -28,6 +28,7 @@ import argparse
 import csv
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -71,7 +72,7 @@ def row_spec(row: str, work: Path, merge_dir: Path) -> dict:
     return {"name": row, "method": "mixture", "members": members}
 
 
-def train_student(which: str, args) -> dict:
+def train_student(which: str, args, teacher) -> dict:
     """Distil (``kd``) or fine-tune (``ce``) into ``args.work / which``; returns its report."""
     out = args.work / which
     report_file = out / "distill_report.json"
@@ -85,11 +86,8 @@ def train_student(which: str, args) -> dict:
         if report["settings"] == json.loads(json.dumps(asdict(settings))):
             print(f"  reusing {out}", file=sys.stderr)
             return report
-    teacher = build_composition(load_composition("default")) if which == "kd" else None
-    report = distill(settings, out, command=f"bench_distill {which}", composition=teacher)
-    del teacher
-    gc.collect()
-    return report
+    return distill(settings, out, command=f"bench_distill {which}",
+                   composition=teacher if which == "kd" else None)
 
 
 def tokens_per_second(composition, batch: int = 8, tokens: int = 32, repeats: int = 3) -> dict:
@@ -130,7 +128,7 @@ def measure(row: str, spec: dict, teacher: FusedTeacher, args) -> dict:
     scored = FusedTeacher(composition)
     for skill in SKILLS:
         acc = quality_accuracy(row, skill, args.n) if args.reuse_quality else None
-        result["accuracy_source"] = "results/quality.json" if acc is not None else "measured here"
+        result[f"{skill}_accuracy_source"] = "results/quality.json" if acc is not None else "measured here"
         if acc is None:
             acc, _ = evaluate.task_accuracy(composition, tasks.heldout(skill, args.n), max_batch=32)
         kl = 0.0 if row == "composition" else teacher_kl(teacher, scored, tasks.heldout(skill, args.n_kl))
@@ -166,15 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = args.rows.split(",")
+    default = build_composition(load_composition("default"))  # the teacher, loaded once
     training = {}
     for which in ("kd", "ce"):
         if f"student:{which}" in rows:
             print(f"training student:{which}", file=sys.stderr)
-            report = train_student(which, args)
+            report = train_student(which, args, default)
             training[which] = {k: report[k] for k in ("seconds", "final_loss", "trainable_parameters", "settings")}
             training[which]["first_parts"] = report["history_every_10"][0]
             training[which]["last_parts"] = report["history_every_10"][-1]
-    teacher = FusedTeacher(build_composition(load_composition("default")))
+    teacher = FusedTeacher(default)
     results = []
     for row in rows:
         print(row, file=sys.stderr)
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             data="generated add and reverse train items, round-robin, gold answers",
             kl="KL(composition || row) per reply token, prompt + gold reply teacher-forced",
             decoding="greedy; tokens/s: engine, batch 8, 32 tokens, EOS ignored, median of 3",
-            load_average_end=list(__import__("os").getloadavg()),
+            load_average_end=list(os.getloadavg()),
         ),
         "training": training,
         "rows": results,

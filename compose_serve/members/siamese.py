@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import ConfigError
-from ..methods.interweave import ImsmGate, interweave
+from ..methods.interweave import ImsmGate, interweave, prompt_means
 from .base import Scores
 from .hf import HFMember
 
@@ -74,9 +74,7 @@ class SiameseMember(HFMember):
         cache = DynamicCache(config=self.config)
         hidden = self.run_decoder(ids, mask, self.positions(mask), cache)
         self.kv.extend(cache, mask, [(slot, s) for slot in slots for s in STREAMS])
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [2n, Lp, 1]
-        means = (hidden * weights).sum(1) / weights.sum(1)  # [2n, d], real tokens only
-        means = means.view(len(slots), 2, -1)
+        means = prompt_means(hidden, mask.bool()).view(len(slots), 2, -1)  # [n, 2, d], real tokens only
         for slot, hq in zip(slots, means, strict=True):
             self.prompt_means[slot] = hq
         scores = self._fuse(hidden[:, -1], means)
@@ -106,9 +104,8 @@ class SiameseMember(HFMember):
         the gate applied at every position, one LM head."""
         self._row_adapters = ["__base__", self.adapter_name] * ids.shape[0]
         hidden = self.forward_sequences(ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0))
-        streams = hidden.view(ids.shape[0], 2, *hidden.shape[1:])  # [B, 2, T, d]
-        weights = prompt.to(self.device).unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        means = (streams * weights.unsqueeze(1)).sum(2, keepdim=True) / weights.sum(1).clamp_min(1).view(-1, 1, 1, 1)
+        means = prompt_means(hidden, prompt.to(self.device).repeat_interleave(2, dim=0))  # [2B, 1, d]
+        streams, means = hidden.view(-1, 2, *hidden.shape[1:]), means.view(-1, 2, 1, hidden.shape[-1])
         fused, _ = interweave(self.gate, means[:, 0], streams[:, 0], streams[:, 1], means[:, 1])  # [B, T, d]
         return self.logits(fused if select is None else fused[select.to(self.device)])
 

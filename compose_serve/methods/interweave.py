@@ -22,6 +22,12 @@ from torch import nn
 from ..errors import ConfigError
 
 
+def prompt_means(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden [B, L, d]`` over the positions where ``prompt [B, L]`` is true: ``[B, 1, d]``."""
+    weights = prompt.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
+
+
 class ImsmGate(nn.Module):
     """The element-wise gate. ``forward`` returns g ``[..., d]`` in (0, 1)."""
 

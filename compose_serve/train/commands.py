@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -52,7 +50,7 @@ def add_train(subparsers) -> argparse.ArgumentParser:
 def run_train(args) -> int:
     """Train as ``args`` say, save, optionally evaluate; returns the exit status (0)."""
     from ..errors import ConfigError
-    from .lora import TrainSettings, train_lora
+    from .lora import TrainSettings, invocation, train_lora
 
     for name in ("steps", "batch_size", "rank"):
         if getattr(args, name) < 1:
@@ -71,10 +69,7 @@ def run_train(args) -> int:
         target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         device=args.device,
     )
-    command = (
-        "compose-serve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    )
-    result = train_lora(settings, args.out, command=command)
+    result = train_lora(settings, args.out, command=invocation())
     line = f"trained {args.task} in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
     if args.eval:
         acc = evaluate_adapter(settings.model, args.out, args.task, args.eval, settings.device)

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import random
-import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -53,7 +52,9 @@ from .lora import (
     TrainSettings,
     collate,
     encode_example,
+    invocation,
     make_peft_model,
+    save_adapter,
     train_loop,
 )
 from .tasks import TASKS, Example, heldout, train_stream
@@ -497,13 +498,7 @@ def evaluate_student(student, teacher: FusedTeacher | None, settings: DistillSet
 
 def save_student(model, settings: DistillSettings, report: dict, out: Path) -> None:
     """The adapter (PEFT, safetensors), ``distill_report.json`` and a servable ``composition.yaml``."""
-    from importlib import metadata
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].base_model_name_or_path = settings.model
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card
-    report["versions"] = {name: metadata.version(name) for name in ("torch", "transformers", "peft")}
+    report["versions"] = save_adapter(model, settings.model, out)
     (out / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
     composition = {
         "name": f"{out.name}-student",
@@ -578,8 +573,7 @@ def run_distill(args) -> int:
         self_distill=args.self_distill, sd_alpha=args.sd_alpha, sd_temperature=args.sd_temperature,
         sd_dynamic=args.sd_dynamic, device=args.device,
     )
-    command = "compose-serve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    report = distill(settings, args.out, command=command, eval_n=args.eval)
+    report = distill(settings, args.out, command=invocation(), eval_n=args.eval)
     line = f"distilled into {args.out} in {report['seconds']:.0f} s, final loss {report['final_loss']:.4f}"
     for name, row in report.get("after", {}).items():
         line += f"; {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "n")

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..methods.interweave import ImsmGate
-from .lora import IGNORE, TrainResult, TrainSettings, train_loop
+from ..methods.interweave import ImsmGate, prompt_means
+from .lora import IGNORE, TrainResult, TrainSettings, invocation, make_peft_model, train_loop
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,6 @@ class ImsmSettings(TrainSettings):
     gate_lr: float = 1e-3
     gate: str = "vector"  # vector | no_query | none
     gate_rank: int = 8
-
-
-def prompt_means(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden [B, L, d]`` over the positions where ``prompt [B, L]`` is true: ``[B, 1, d]``."""
-    weights = prompt.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
 
 
 def imsm_loss(model, gate: ImsmGate | None, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -98,16 +92,7 @@ def imsm_scorer(model, gate: ImsmGate | float, prompt_fraction: float = 0.5):
 
 def make_models(lm: torch.nn.Module, settings: ImsmSettings):
     """``(peft_model, gate | None)``: a fresh LoRA named ``default`` and the gate."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(lm, config)
+    model = make_peft_model(lm, settings)
     if settings.gate == "none":
         return model, None
     d = lm.config.hidden_size
@@ -197,7 +182,6 @@ def add_train_imsm(subparsers) -> argparse.ArgumentParser:
 
 
 def run_train_imsm(args) -> int:
-    import shlex
     import sys
 
     gate = "none" if args.no_gate else "no_query" if args.no_query else "vector"
@@ -213,8 +197,7 @@ def run_train_imsm(args) -> int:
         gate=gate,
         seed=args.seed,
     )
-    command = "compose-serve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result, path = train_imsm(settings, args.out, command)
+    result, path = train_imsm(settings, args.out, invocation())
     print(
         f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f} in {result.seconds:.0f} s; serve it with "
         f"--config {path}",

@@ -222,21 +222,34 @@ def train_loop(loss_fn, param_groups: list[dict], modules: list[torch.nn.Module]
     return result
 
 
-def save_run(
-    model, settings: TrainSettings, result: TrainResult, out_dir: Path, command: str | None
-) -> None:
-    """The adapter (safetensors, by PEFT) and ``train_run.json`` beside it."""
+def invocation() -> str | None:
+    """The command line this process was started with, as ``compose-serve ...`` (for the records)."""
+    import shlex
+    import sys
+
+    return "compose-serve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+
+
+def save_adapter(model, base_model: str, out_dir: Path) -> dict[str, str]:
+    """The PEFT adapter (safetensors) into ``out_dir``, naming ``base_model`` as the user named it
+    (``smollm2-135m-instruct``, not this machine's cache path); returns the library versions."""
     from importlib import metadata
 
     out_dir.mkdir(parents=True, exist_ok=True)
     card = out_dir / "README.md"
     had_card = card.exists()
-    # the base as the user named it (``smollm2-135m-instruct``), not this machine's cache path
-    model.peft_config["default"].base_model_name_or_path = settings.model
+    model.peft_config["default"].base_model_name_or_path = base_model
     model.save_pretrained(out_dir, safe_serialization=True)
     if not had_card:  # PEFT's placeholder model card: the adapters' README documents them instead
         card.unlink(missing_ok=True)
-    versions = {name: metadata.version(name) for name in ("torch", "transformers", "peft")}
+    return {name: metadata.version(name) for name in ("torch", "transformers", "peft")}
+
+
+def save_run(
+    model, settings: TrainSettings, result: TrainResult, out_dir: Path, command: str | None
+) -> None:
+    """The adapter (safetensors, by PEFT) and ``train_run.json`` beside it."""
+    versions = save_adapter(model, settings.model, out_dir)
     run = {
         "command": command,
         "settings": asdict(settings),
