@@ -238,6 +238,12 @@ def test_rationale_mode_teaches_answers_and_each_members_rationale(tiny, tmp_pat
     assert sorted(batch["groups"].tolist()) == [0, 0, 1, 1, 2, 2]
     report = D.distill(settings, tmp_path / "r", progress=False, composition=comp)
     assert {"ce", "ce_rationale_0", "ce_rationale_1"} <= set(report["history_every_10"][0])
+    first = report["first_batch"]  # the report keeps the first batch: answers, then each member's rationale
+    assert [row["group"] for row in first] == [0, 0, 1, 1, 2, 2]
+    for row in first[:2]:  # gold answers, by hand: "What is a + b? ..." -> a + b
+        a, b = row["prompt"].split("What is ")[1].split("?")[0].split(" + ")
+        assert row["target"] == str(int(a) + int(b))
+    assert all(row["prompt"].endswith("Explain the answer as a would.") for row in first if row["group"] == 1)
     shot = heldout("add", 1)[0]
     text = D.rationale_prompt(shot, D.demonstrations())
     assert f"Answer: {shot.answer}\nExplanation:" in text  # the gold answer is in the teacher's prompt
