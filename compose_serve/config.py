@@ -46,17 +46,43 @@ class MemberSpec(_Strict):
     revision: str | None = None
 
 
-class MixtureParams(_Strict):
-    """MoD: ``weights`` fixed (from the members), ``prompt_perplexity`` (PackLLM) or ``entropy``."""
+class RoutedParams(_Strict):
+    """The router's settings, shared by ``mixture`` and ``logit_mix`` (``weights: router``).
 
-    weights: Literal["fixed", "prompt_perplexity", "entropy"] = "fixed"
+    ``router``: a folder written by ``compose-serve fit-router`` (its member names must be the
+    composition's). Its softmax over members is the request's weights; ``top_k`` keeps the k most
+    probable members, renormalised, and the others are never prefilled nor decoded for that request.
+    ``min_confidence``: when the router's top probability is below it, the request falls back to
+    the composition's fixed weights (the members' ``weight``, uniform when none is given).
+    """
+
+    router: str | None = None
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    min_confidence: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    @model_validator(mode="after")
+    def _router_needs_a_file(self):
+        weights = getattr(self, "weights", None)
+        if weights == "router" and self.router is None:
+            raise ValueError("weights: router needs router: FOLDER (written by compose-serve fit-router)")
+        if weights != "router" and (self.router, self.top_k, self.min_confidence) != (None, None, None):
+            raise ValueError("router, top_k and min_confidence go with weights: router")
+        return self
+
+
+class MixtureParams(RoutedParams):
+    """MoD: ``weights`` fixed (from the members), ``prompt_perplexity`` (PackLLM), ``entropy``, or
+    ``router`` (a fitted router picks each request's weights; see RoutedParams)."""
+
+    weights: Literal["fixed", "prompt_perplexity", "entropy", "router"] = "fixed"
     tau: Annotated[float, Field(gt=0)] = 1.0
 
 
-class LogitMixParams(_Strict):
-    """Product of experts ``softmax(sum_k w_k z_k)``; weights fixed or from prompt perplexity."""
+class LogitMixParams(RoutedParams):
+    """Product of experts ``softmax(sum_k w_k z_k)``; weights fixed, from prompt perplexity, or
+    from a router (see RoutedParams)."""
 
-    weights: Literal["fixed", "prompt_perplexity"] = "fixed"
+    weights: Literal["fixed", "prompt_perplexity", "router"] = "fixed"
     tau: Annotated[float, Field(gt=0)] = 1.0
 
 
@@ -92,10 +118,13 @@ PARAMS: dict[str, type[_Strict]] = {
 
 
 class EngineSpec(_Strict):
-    """How the engine batches: running sequences at most, and the waiting queue's bound."""
+    """How the engine batches: running sequences at most, the waiting queue's bound, and the
+    prompt tokens prefilled per step (0: no limit; a long prompt or a burst is prefilled in chunks
+    of at most this many tokens between decode steps, so running streams keep their pace)."""
 
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
     max_queue: Annotated[int, Field(ge=0)] = 256
+    max_prefill_tokens: Annotated[int, Field(ge=0)] = 256
 
 
 class DeploymentSpec(_Strict):
@@ -129,6 +158,7 @@ class CompositionSpec(_Strict):
     method: Method
     members: Annotated[list[MemberSpec], Field(min_length=1)]
     params: dict[str, Any] = Field(default_factory=dict)
+    share_base: bool = Field(default=True, description="members on one base model share one copy of it")
     engine: EngineSpec = Field(default_factory=EngineSpec)
     deployment: DeploymentSpec = Field(default_factory=DeploymentSpec)
 
@@ -257,6 +287,7 @@ def _resolve_paths(spec: CompositionSpec, base: Path) -> CompositionSpec:
 
     members = [m.model_copy(update={"model": local(m.model), "adapter": local(m.adapter)}) for m in spec.members]
     params = dict(spec.params)
-    if isinstance(params.get("gate"), str):
-        params["gate"] = local(params["gate"])
+    for field_name in ("gate", "router"):
+        if isinstance(params.get(field_name), str):
+            params[field_name] = local(params[field_name])
     return spec.model_copy(update={"members": members, "params": params})

@@ -98,7 +98,7 @@ def build_lora(directory: Path, model_dir: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """Paths of tiny models sharing one tokenizer: ``a``, ``b`` (another seed), ``padded`` (``a``'s
-    tokenizer with 12 padded logits rows), and ``lora_a`` (an adapter of ``a``)."""
+    tokenizer with 12 padded logits rows), and ``lora_a``, ``lora_a2`` (two adapters of ``a``)."""
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer(root / "tokenizer")
     paths = {
@@ -109,6 +109,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "padded": build_llama(root / "padded", tokenizer, seed=4, vocab_pad=12),
     }
     paths["lora_a"] = build_lora(root / "lora_a", paths["a"], seed=5)
+    paths["lora_a2"] = build_lora(root / "lora_a2", paths["a"], seed=6)
     return paths
 
 

@@ -65,11 +65,32 @@ def test_yaml_paths_are_relative_to_the_file(tmp_path):
     assert spec.params["gate"] == str(tmp_path / "gate.safetensors")
 
 
+def test_router_fields_go_together_and_need_a_router_file(tmp_path):
+    base = {"name": "r", "method": "mixture", "members": [{"name": "a", "model": "m"}, {"name": "b", "model": "m"}]}
+    with pytest.raises(ConfigError, match="needs router") as err:
+        parse_composition({**base, "params": {"weights": "router"}})
+    assert err.value.param.startswith("params")
+    with pytest.raises(ConfigError, match="go with weights: router"):
+        parse_composition({**base, "params": {"weights": "fixed", "top_k": 1}})
+    with pytest.raises(ConfigError) as err:
+        parse_composition({**base, "params": {"weights": "router", "router": "x", "top_k": 0}})
+    assert err.value.param == "params.top_k"
+    spec = parse_composition({**base, "params": {"weights": "router", "router": "x", "top_k": 1,
+                                                  "min_confidence": 0.6}, "share_base": False})
+    assert not spec.share_base and spec.parsed_params().min_confidence == 0.6
+
+
 def test_builtin_configs_load_by_name_and_bad_files_are_named(tmp_path):
-    assert {"default", "smollm2"} <= set(builtin_configs())
+    assert {"default", "mixture", "imsm", "smollm2"} <= set(builtin_configs())
     spec = load_composition("default")
-    assert spec.name == "specialists"
-    assert all(Path(m.adapter).is_dir() for m in spec.members)  # the committed adapters, resolved
+    assert spec.name == "routed" and [m.name for m in spec.members] == ["general", "add", "reverse"]
+    assert spec.members[0].adapter is None and spec.share_base
+    assert all(Path(m.adapter).is_dir() for m in spec.members[1:])  # the committed adapters, resolved
+    assert (Path(spec.params["router"]) / "router.safetensors").is_file()  # the committed router
+    assert spec.parsed_params().weights == "router" and spec.parsed_params().top_k == 1
+    for name in ("mixture", "imsm"):
+        for m in load_composition(name).members:
+            assert Path(m.adapter).is_dir(), (name, m.adapter)
     with pytest.raises(ConfigError, match="does not exist") as err:
         load_composition(tmp_path / "none.yaml")
     assert err.value.param == "config"

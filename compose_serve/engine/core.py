@@ -7,8 +7,13 @@
     4. append  each sequence takes its token (text, log-probs)
     5. stop    EOS / stop ids / stop strings / max_tokens; finished slots are released at once
     6. emit    one TokenEvent per sequence
-``Engine.add(requests)`` admits new sequences at a step boundary: it prefills them (batched, per
-member) and runs steps 2-6 on the prefill scores, so a request's first token comes from ``add``.
+``Engine.add(requests)`` admits new sequences at a step boundary: a routed composition first asks
+its router which members run for each (``_route``); then their prompts are prefilled in chunks
+under a per-step token budget (``max_prefill_tokens``; batched per member, members on one shared
+base in one forward), one chunk forward in ``add`` and one after the decode of every ``step``, so
+running streams keep their pace while a long prompt or a burst comes in. A sequence whose prompt
+is complete gets its first token from the fused scores of the whole prompt (steps 2-6 on its last
+chunk's scores) and joins the running batch.
 Running sequences are never re-prefilled. The scheduler (``engine/scheduler.py``) and the sync
 ``generate`` below drive these two calls; nothing here knows about threads, HTTP or Ray.
 """
@@ -22,9 +27,9 @@ from collections.abc import Iterable
 import torch
 
 from ..composition import Composition
-from ..errors import ContextLengthError, InvalidRequestError
 from ..members.base import Scores
 from ..sampling import Sampler, make_generator
+from .admission import check_request
 from .detokenizer import Detokenizer
 from .sequence import Completion, Request, Sequence, TokenEvent
 
@@ -34,56 +39,87 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Runs a composition over a batch of at most ``max_batch`` sequences (slots)."""
 
-    def __init__(self, composition: Composition, max_batch: int | None = None) -> None:
+    def __init__(self, composition: Composition, max_batch: int | None = None,
+                 max_prefill_tokens: int | None = None) -> None:
         self.composition = composition
         self.members = composition.members
         self.method = composition.method
         self.max_batch = max_batch or composition.spec.engine.max_batch
+        #: prompt tokens prefilled per step at most (0: no limit, every admitted prompt at once)
+        self.max_prefill_tokens = max_prefill_tokens or composition.spec.engine.max_prefill_tokens
         self.sampler = Sampler()
         self.running: list[Sequence] = []
+        self.prefilling: list[Sequence] = []  # admitted, prompt not complete yet (FIFO)
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self.device = self.members[0].device
+        for member in self.members:  # this engine owns every slot: rows an earlier engine left go
+            member.release(member.live_slots)
 
     @property
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    @property
+    def busy(self) -> bool:
+        """Whether ``step`` has work: running sequences, or prompts still being prefilled."""
+        return bool(self.running or self.prefilling)
+
     # -- admission ------------------------------------------------------------------------
     def check(self, request: Request) -> list[float]:
         """Validate a request against this composition; returns its row of method weights."""
-        ids = request.prompt_ids
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self.composition.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                                      param="prompt")
-        total = len(ids) + request.params.max_tokens
-        if total > self.composition.max_context:
-            raise ContextLengthError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) = {total} exceeds "
-                f"the context length {self.composition.max_context}", param="max_tokens")
-        request.params.check_vocab(vocab)
-        return self.method.row_weights(request.composition)
+        return check_request(request, self.method, self.composition.vocab_size, self.composition.max_context)
 
     def add(self, requests: list[Request]) -> list[TokenEvent]:
-        """Prefill ``requests`` into free slots and produce each one's first token."""
+        """Admit ``requests`` into free slots and prefill the first chunk; returns the first tokens
+        of the sequences whose prompt that chunk completed."""
         if len(requests) > self.free_slots:
             raise RuntimeError(f"{len(requests)} requests but only {self.free_slots} free slots")
         weights = [self.check(r) for r in requests]  # all checked before any slot is taken
         seqs = [self._admit(r, w) for r, w in zip(requests, weights, strict=True)]
+        if self.method.router is not None:
+            self._route([s for s in seqs if not s.request.composition])  # a request's own weights win
+        self.prefilling.extend(seqs)
+        return self._prefill_chunk()
+
+    def _prefill_chunk(self) -> list[TokenEvent]:
+        """One prefill forward (per member) over the next prompt tokens of the prefilling
+        sequences, front first, within the budget; completed prompts get their first token."""
+        budget = self.max_prefill_tokens or float("inf")
+        seqs, pieces = [], []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            n = int(min(len(seq.request.prompt_ids) - seq.prefilled, budget))
+            seqs.append(seq)
+            pieces.append(seq.request.prompt_ids[seq.prefilled : seq.prefilled + n])
+            budget -= n
         nll = self.method.uses_prompt_nll
-        scores = []
-        for k, member in enumerate(self.members):
-            rows = [i for i, s in enumerate(seqs) if s.uses[k]]
-            prompts = [seqs[i].request.prompt_ids for i in rows]
-            scores.append((rows, member.prefill([seqs[i].slot for i in rows], prompts, nll) if rows else None))
-        scores = resolve(scores)
+        try:
+            scores = []
+            for k, member in enumerate(self.members):
+                rows = [i for i, s in enumerate(seqs) if s.uses[k]]
+                call = member.prefill([seqs[i].slot for i in rows], [pieces[i] for i in rows], nll) if rows else None
+                scores.append((rows, call))
+            scores = resolve(scores)
+        except Exception:  # some members took the chunk, some did not: these prompts start over
+            for member in self.members:
+                member.release([seq.slot for seq in seqs])
+            for seq in seqs:
+                seq.prefilled = 0
+            raise
+        for seq, piece in zip(seqs, pieces, strict=True):
+            seq.prefilled += len(piece)
+        done = [i for i, s in enumerate(seqs) if s.prefilled == len(s.request.prompt_ids)]
+        if not done:
+            return []
+        finished = [seqs[i] for i in done]
+        gone = {id(s) for s in finished}
+        self.prefilling = [s for s in self.prefilling if id(s) not in gone]
+        scores = [_rows_of(rows, sc, done) for rows, sc in scores]
         if nll:
-            self._prompt_weights(seqs, scores)
-        self.running.extend(seqs)
-        return self._advance(seqs, scores)
+            self._prompt_weights(finished, scores)
+        self.running.extend(finished)
+        return self._advance(finished, scores)
 
     def _admit(self, request: Request, weights: list[float]) -> Sequence:
         params = request.params
@@ -95,9 +131,25 @@ class Engine:
             detokenizer=Detokenizer(self.composition.tokenizer, request.prompt_ids, params.stop),
         )
 
+    def _route(self, seqs: list[Sequence]) -> None:
+        """Routing: the router's probabilities over members from the shared base's prompt
+        features become each sequence's weights (``Method.route``: top_k, min_confidence)."""
+        if not seqs:
+            return
+        router = self.method.router
+        features = self.composition.prompt_features([s.request.prompt_ids for s in seqs], router.layer,
+                                                    router.pooling)
+        probs = router.probs(features.float().cpu())  # [n, K]
+        for seq, w, p in zip(seqs, self.method.route(probs), probs, strict=True):
+            seq.weights, seq.router_probs = w, p
+
     def _prompt_weights(self, seqs: list[Sequence], scores) -> None:
         """PackLLM: replace default weights by ``softmax(-CE_k(prompt) / tau)``."""
-        nll = torch.stack([sc.prompt_nll.float().cpu() for _, sc in scores], dim=1)  # [n, K]
+        # A member that did not run for a row (weight 0 in its plan) has no NLL there: +inf, weight 0.
+        nll = torch.full((len(seqs), len(scores)), float("inf"))  # [n, K]
+        for k, (rows, sc) in enumerate(scores):
+            if sc is not None:
+                nll[rows, k] = sc.prompt_nll.float().cpu()
         weights = self.method.weights_from_prompt_nll(nll, self.method.tau)
         for i, seq in enumerate(seqs):
             if not seq.request.composition:  # a request's own weights win
@@ -105,9 +157,12 @@ class Engine:
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        """Advance every running sequence by one token (steps 1-6 of the class docstring)."""
-        if not self.running:
-            return []
+        """Advance every running sequence by one token (steps 1-6 of the class docstring), then
+        prefill the next chunk of the prompts coming in."""
+        events = self._decode() if self.running else []
+        return events + self._prefill_chunk() if self.prefilling else events
+
+    def _decode(self) -> list[TokenEvent]:
         last = torch.tensor([s.output_ids[-1] for s in self.running], device=self.device)  # [B]
         scores = []
         for k, member in enumerate(self.members):
@@ -138,6 +193,8 @@ class Engine:
             n = seq.request.params.logprobs
             top = None if n is None else list(zip(top_ids[i][:n], top_lps[i][:n], strict=True)) if n else []
             diag = {"weights": dict(zip(self.method.member_names, eff[i], strict=True))}
+            if seq.router_probs is not None:
+                diag["router"] = dict(zip(self.method.member_names, seq.router_probs.tolist(), strict=True))
             for name, per_member in member_diag.items():
                 diag[name] = {m: v[i] for m, v in per_member.items() if i in v}
             events.append(self._append(seq, tokens[i], chosen[i], top, diag))  # 4. append, 5. stop
@@ -187,16 +244,30 @@ class Engine:
         for member in self.members:
             member.release([slot for slot in member.live_slots if slot in gone])
         self.running = [s for s in self.running if s.slot not in gone]
+        self.prefilling = [s for s in self.prefilling if s.slot not in gone]
         self._free_slots.extend(gone)
 
     def abort(self, request_id: str) -> bool:
         """Stop a running request now and free its slot; False if it is not running."""
-        for seq in self.running:
+        for seq in self.running + self.prefilling:
             if seq.request_id == request_id:
                 seq.finish_reason = "abort"
                 self._release([seq])
                 return True
         return False
+
+    def discard(self, request_ids: set[str]) -> None:
+        """Forget the sequences ``request_ids`` and free every slot no running sequence holds.
+
+        For the scheduler after ``add`` raised: the running batch was not touched, so it goes on;
+        the slots ``add`` took for the new requests (in the engine and in every member) are freed.
+        """
+        self.running = [s for s in self.running if s.request_id not in request_ids]
+        self.prefilling = [s for s in self.prefilling if s.request_id not in request_ids]
+        held = {s.slot for s in self.running + self.prefilling}
+        for member in self.members:
+            member.release([slot for slot in member.live_slots if slot not in held])
+        self._free_slots = [slot for slot in range(self.max_batch - 1, -1, -1) if slot not in held]
 
     def reset(self) -> None:
         """Forget every sequence and free every slot in every member.
@@ -206,7 +277,7 @@ class Engine:
         """
         for member in self.members:
             member.release(member.live_slots)
-        self.running = []
+        self.running, self.prefilling = [], []
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
 
     # -- the library's one-call driver ----------------------------------------------------
@@ -219,7 +290,7 @@ class Engine:
             self.check(r)  # fail before any work is done
         results = {r.request_id: Completion(r.request_id, list(r.prompt_ids)) for r in requests}
         waiting = deque(requests)
-        while waiting or self.running:
+        while waiting or self.busy:
             if waiting and self.free_slots:
                 admit = [waiting.popleft() for _ in range(min(self.free_slots, len(waiting)))]
                 events = self.add(admit)
@@ -230,6 +301,22 @@ class Engine:
                 if on_event is not None:
                     on_event(event)
         return [results[r.request_id] for r in requests]
+
+
+def _rows_of(rows: list[int], scores: Scores | None, keep: list[int]) -> tuple[list[int], Scores | None]:
+    """The part of a member's chunk scores that belongs to the sequences ``keep`` (indices into
+    the chunk), re-indexed to their positions in ``keep``."""
+    position = {i: p for p, i in enumerate(keep)}
+    picked = [(j, position[i]) for j, i in enumerate(rows) if i in position]
+    if scores is None or not picked:
+        return [], None
+    index = torch.tensor([j for j, _ in picked], device=scores.logits.device)
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, index.to(t.device))
+
+    return [p for _, p in picked], Scores(take(scores.logits), take(scores.hidden), take(scores.prompt_nll),
+                                          {name: take(v) for name, v in scores.diagnostics.items()})
 
 
 def resolve(scores: list[tuple[list[int], object]]) -> list[tuple[list[int], Scores | None]]:

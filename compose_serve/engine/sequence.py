@@ -34,7 +34,7 @@ class TokenEvent:
     text: str
     logprob: float
     top_logprobs: list[tuple[int, float]] | None
-    diagnostics: dict[str, dict[str, float]]  # {"weights": {member: w}, "gate_mean": {member: g}}
+    diagnostics: dict[str, dict[str, float]]  # {"weights": {member: w}, "router": {member: p}, "gate_mean": ...}
     finish_reason: str | None = None
 
 
@@ -70,6 +70,8 @@ class Sequence:
     detokenizer: Detokenizer
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    prefilled: int = 0  # prompt tokens the members have taken so far (chunked prefill)
+    router_probs: torch.Tensor | None = None  # [K], when a router chose the weights
 
     @property
     def request_id(self) -> str:

@@ -2,20 +2,23 @@
 
 A member keeps its own KV cache, one row per slot; the engine (its scheduler) owns slot numbers.
 
-- ``prefill(slots, token_ids, want=...) -> Scores``: start new sequences, ``token_ids`` one list
-  per slot; scores the token after each prompt. Scores rows follow ``slots``.
+- ``prefill(slots, token_ids, want_prompt_nll=False) -> Scores``: append the next chunk of each
+  slot's prompt (``token_ids``, one list per slot; a slot seen for the first time is admitted) and
+  score the token after it. A prompt may come in one chunk or several (chunked prefill); the
+  scores of its last chunk are the prompt's. Scores rows follow ``slots``.
 - ``decode(slots, last_tokens [B]) -> Scores``: advance every listed slot by one token. ``slots``
-  must be exactly the member's live slots; their order is the order of the rows returned (a
-  member reorders its cache once when the order changes).
-- ``release(slots)``: forget those slots now; their memory is freed.
+  must be exactly the member's slots whose prompt is complete; the rows returned follow their order.
+- ``release(slots)``: forget those slots now (prefilling or decoding); their rows are free.
 
 ``prefill`` and ``decode`` may instead return a future whose ``result()`` is the Scores (a remote
-member does): the engine issues every member's call before it waits on any.
+member does; so do members on one shared base, whose host runs every pending call of a step in one
+forward): the engine issues every member's call before it waits on any.
 
 ``Scores.logits`` is ``[B, V]`` in the member's dtype; ``hidden`` ``[B, d]`` (final hidden state,
-after the last norm) when asked; ``prompt_nll`` ``[B]`` (mean next-token NLL over the prompt, for
+after the last norm); ``prompt_nll`` ``[B]`` (mean next-token NLL over the prompt so far, for
 PackLLM weights) when asked at prefill; ``diagnostics`` maps a name to a ``[B]`` tensor (e.g. an
-IMSM member's mean gate).
+IMSM member's mean gate). Members may also offer ``prompt_features(token_ids, layer, pooling)``
+(the bare base's pooled hidden states, a router's input) and ``sequence_logits`` (teacher forcing).
 """
 
 from __future__ import annotations

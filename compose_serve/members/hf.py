@@ -8,13 +8,15 @@ returns ``[B, V]``. The decoder runs once per call; the LM head runs on the last
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ConfigError
 from .base import Member, Scores
@@ -85,8 +87,33 @@ def cache_kwarg(decoder: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
+@dataclass
+class Chunk:
+    """One prefill forward over right-padded chunks: ``hidden [n, W, d]``, ``ids [n, W]``,
+    ``valid [n, W]`` (bool, the chunk's real tokens), ``last [n, d]`` (hidden at each row's last
+    real token: it scores the token after the chunk)."""
+
+    hidden: torch.Tensor
+    ids: torch.Tensor
+    valid: torch.Tensor
+    last: torch.Tensor
+
+    def rows(self, start: int, end: int) -> Chunk:
+        return Chunk(self.hidden[start:end], self.ids[start:end], self.valid[start:end], self.last[start:end])
+
+    def odd(self) -> Chunk:
+        """Rows 1, 3, 5, ... (a siamese pair's adapted stream)."""
+        return Chunk(self.hidden[1::2], self.ids[1::2], self.valid[1::2], self.last[1::2])
+
+
 class HFMember(Member):
-    """A causal LM (optionally with an active PEFT adapter) whose rows are slots."""
+    """A causal LM (optionally with an active PEFT adapter) whose rows are slots.
+
+    A prompt may come in chunks: each ``prefill`` call appends the next chunk of each slot's
+    prompt (a slot seen for the first time is admitted) and scores the token after it; the scores
+    of a prompt's last chunk are the prompt's. ``decode`` then advances the slots whose prompt is
+    done. The prompt NLL (PackLLM) is accumulated over the chunks.
+    """
 
     def __init__(self, name: str, lm: torch.nn.Module, tokenizer) -> None:
         self.name = name
@@ -101,9 +128,10 @@ class HFMember(Member):
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
         self.device = self.head.weight.device
         self.dtype = self.head.weight.dtype
-        self.kv = SlotCache()
+        self.kv = SlotCache.for_model(self.config, self.dtype, self.device, self.max_context)
         self._cache_kw = cache_kwarg(self.decoder)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._nll: dict[Hashable, list] = {}  # key -> [sum, count, last hidden of the previous chunk]
 
     # -- the contract ---------------------------------------------------------------------
     @property
@@ -112,25 +140,67 @@ class HFMember(Member):
 
     @torch.inference_mode()
     def prefill(self, slots, token_ids, want_prompt_nll: bool = False) -> Scores:
-        ids, mask = self.pad_prompts(token_ids)
-        cache = DynamicCache(config=self.config)
-        hidden = self.run_decoder(ids, mask, self.positions(mask), cache)  # [n, Lp, d]
-        self.kv.extend(cache, mask, list(slots))
-        last = hidden[:, -1]
-        nll = self.prompt_nll(hidden, ids, mask) if want_prompt_nll else None
-        return Scores(logits=self.logits(last), hidden=last, prompt_nll=nll)
+        keys = list(slots)
+        chunk = self.prefill_rows(keys, token_ids)
+        nll = self.chunk_nll(keys, chunk) if want_prompt_nll else None
+        return Scores(logits=self.logits(chunk.last), hidden=chunk.last, prompt_nll=nll)
 
     @torch.inference_mode()
     def decode(self, slots, last_tokens: torch.Tensor) -> Scores:
-        self.kv.select(list(slots))
-        mask, positions = self.kv.step_inputs()
-        hidden = self.run_decoder(last_tokens.view(-1, 1).to(self.device), mask, positions, self.kv.cache)
-        self.kv.advance(mask)
-        last = hidden[:, -1]
-        return Scores(logits=self.logits(last), hidden=last)
+        hidden = self.decode_rows(list(slots), last_tokens)
+        return Scores(logits=self.logits(hidden), hidden=hidden)
 
     def release(self, slots) -> None:
-        self.kv.drop(list(slots))
+        self.kv.release(list(slots))
+        for key in slots:
+            self._nll.pop(key, None)
+
+    # -- rows of the slot cache (a shared base calls these with its own keys) --------------
+    def prefill_rows(self, keys: list[Hashable], token_ids: Sequence[Sequence[int]]) -> Chunk:
+        """Append each key's next chunk of prompt (new keys admitted); one forward."""
+        width = max(len(t) for t in token_ids)
+        ids = torch.full((len(token_ids), width), self._pad_id, dtype=torch.long)
+        for row, tokens in enumerate(token_ids):
+            ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        lens = torch.tensor([len(t) for t in token_ids])
+        positions, mask = self.kv.plan_prefill(keys, lens.tolist(), width)
+        ids = ids.to(self.device)
+        hidden = self.run_decoder(ids, mask, positions, self.kv)  # [n, W, d]
+        valid = torch.arange(width).unsqueeze(0) < lens.unsqueeze(1)  # [n, W]
+        last = hidden[torch.arange(len(keys), device=self.device), (lens - 1).to(self.device)]
+        return Chunk(hidden, ids, valid.to(self.device), last)
+
+    def decode_rows(self, keys: list[Hashable], last_tokens: torch.Tensor) -> torch.Tensor:
+        """One token for every decoding key, in one forward over the cache's decoding rows (read
+        in place); returns ``hidden [B, d]`` in the order of ``keys``."""
+        perm, positions, mask = self.kv.plan_decode(keys)
+        perm = perm.to(self.device)
+        tokens = torch.empty(len(keys), dtype=torch.long, device=self.device)
+        tokens[perm] = last_tokens.reshape(-1).to(self.device)
+        self.before_decode(perm)
+        hidden = self.run_decoder(tokens.view(-1, 1), mask, positions, self.kv)  # physical order
+        return hidden[perm, -1]
+
+    def before_decode(self, perm: torch.Tensor) -> None:
+        """Hook for subclasses: the decode forward runs rows in physical order (``x_phys[perm] = x``)."""
+
+    def chunk_nll(self, keys: list[Hashable], chunk: Chunk) -> torch.Tensor:
+        """Mean next-token NLL over each prompt so far ``[n]`` (0 while no pair is scored): within
+        the chunk, and its first token from the previous chunk's last hidden state."""
+        out = []
+        for i, key in enumerate(keys):
+            total, count, previous = self._nll.get(key, [0.0, 0, None])
+            n = int(chunk.valid[i].sum())
+            preds, targets = chunk.hidden[i, : n - 1], chunk.ids[i, 1:n]
+            if previous is not None:
+                preds, targets = torch.cat([previous[None], preds]), torch.cat([chunk.ids[i, :1], targets])
+            if len(targets):
+                logprobs = torch.log_softmax(self.logits(preds).float(), dim=-1)
+                total += float(-logprobs.gather(1, targets.unsqueeze(1)).sum())
+                count += len(targets)
+            self._nll[key] = [total, count, chunk.hidden[i, n - 1]]
+            out.append(total / max(count, 1))
+        return torch.tensor(out, device=self.device)
 
     # -- teacher forcing (training, distillation, evaluation; no cache is kept) ------------
     @torch.inference_mode()
@@ -149,6 +219,17 @@ class HFMember(Member):
         return self.decoder(
             input_ids=ids, attention_mask=mask, position_ids=self.positions(mask), use_cache=False
         ).last_hidden_state
+
+    @torch.inference_mode()
+    def prompt_features(self, token_ids: Sequence[Sequence[int]], layer: int, pooling: str) -> torch.Tensor:
+        """Pooled hidden states ``[n, d]`` of the bare model at block ``layer`` (a router's
+        features), with a PEFT adapter disabled; a merged adapter cannot be, and is read as is."""
+        from ..router import layer_features
+
+        ids, mask = self.pad_prompts(token_ids)
+        bare = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
+        with bare:
+            return layer_features(self.decoder, ids, mask, layer, pooling)
 
     # -- the steps ------------------------------------------------------------------------
     def pad_prompts(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,16 +258,3 @@ class HFMember(Member):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
-
-    def prompt_nll(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean next-token NLL over each prompt ``[n]`` (0 for a one-token prompt); row by row."""
-        out = []
-        for row in range(ids.shape[0]):
-            valid = (mask[row, :-1] * mask[row, 1:]).bool()  # predicting position and target both real
-            if not valid.any():
-                out.append(torch.zeros((), device=ids.device))
-                continue
-            logprobs = torch.log_softmax(self.logits(hidden[row, :-1][valid]).float(), dim=-1)
-            targets = ids[row, 1:][valid]
-            out.append(-logprobs.gather(1, targets.unsqueeze(1)).mean())
-        return torch.stack(out)

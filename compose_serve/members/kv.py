@@ -1,106 +1,249 @@
-"""SlotCache: one left-padded batch KV cache whose rows are addressed by key.
+"""SlotCache: a preallocated KV cache whose rows are addressed by key, written in place.
 
-Layout (as in text-generation-inference's padded batches): every layer holds keys and values
-``[R, H, L, hd]`` for R rows, each row's tokens right-aligned; ``mask [R, L]`` marks the real
-positions (1) and the left padding (0); ``next_pos [R]`` is each row's next position id.
-New rows join by ``extend`` (both sides padded on the left to a common length, then
-concatenated); rows leave by ``drop`` (the others are kept, and columns that became padding in
-every row are trimmed). A running row is never recomputed.
+One cache serves every kind of member: a plain member keys its rows by slot, members on a shared
+base by ``(member, slot)``, a siamese pair by ``(member, slot, stream)``.
 
-Keys are hashable row ids: a slot number for a plain member, ``(slot, stream)`` for a siamese one.
+Layout (gpt-fast's static cache, with per-row lengths): every layer holds keys and values
+``[R_cap, H, L_cap, hd]``, zeros where nothing was written. A row's tokens sit at columns
+``0 .. length-1`` (left-aligned, so a token's column is its position). Rows are kept in two ranges:
+
+    [0, n_decoding)          rows that decode: one decode forward reads them as a VIEW, no copy
+    [n_decoding, n_live)     rows still being prefilled (chunk by chunk)
+
+- ``plan_prefill(keys, chunk_lens)`` admits new keys at the end and plans a forward that appends
+  each row's next chunk (``chunk_lens[i]`` tokens) after its current length;
+- ``plan_decode(keys)`` plans a one-token forward over exactly the decoding rows (a row whose
+  prefill is done joins them here, by one row swap);
+- during the forward, the model calls ``update(k, v, layer)``: the new keys and values are written
+  in place at each row's columns, and the attention reads the planned rows' first ``kv_len``
+  columns (a view for a range of rows; prefill rows that are scattered are gathered);
+- ``release(keys)`` frees rows: the last row of the range moves into the hole (one row copied,
+  its own length only); no other row is ever touched.
+Capacity grows by doubling (rows) and by ``BLOCK``-token steps (length) up to ``max_length``;
+growing copies the cache once, amortised over many steps.
+
+The attention mask is built here as a 4D boolean ``[n, 1, q, kv_len]`` (True = attend): query t of
+row i (absolute position ``p = start_i + t``) sees the columns ``j <= p`` that row i holds. Query
+rows past a row's chunk (padding) see the row's real columns only, so no row is ever empty.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache
+
+BLOCK = 256  # length capacity grows in steps of this many tokens
 
 
-class SlotCache:
-    """A batch KV cache with addressable rows; see the module docstring."""
+@dataclass
+class Plan:
+    """One forward over ``rows`` (physical indices, in the order of the forward's batch)."""
 
-    def __init__(self) -> None:
-        self.cache: DynamicCache | None = None
-        self.keys: list[Hashable] = []
-        self.mask: torch.Tensor | None = None  # [R, L] long
-        self.next_pos: torch.Tensor | None = None  # [R] long
+    rows: torch.Tensor  # [n] long
+    write_cols: torch.Tensor  # [n, q] long: the column each new token goes to
+    kv_len: int  # columns the attention reads
+    contiguous: bool  # rows form the range rows[0] .. rows[-1]: read as a view
+
+
+class SlotCache(Cache):
+    """A keyed, preallocated KV cache; see the module docstring."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, max_length: int, rows: int = 4) -> None:
+        super().__init__(layers=[])
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device, self.max_length = dtype, torch.device(device), max_length
+        self.keys_: list[torch.Tensor] = []
+        self.values_: list[torch.Tensor] = []
+        self._allocate(rows, min(BLOCK, max_length))
+        self.order: list[Hashable] = []  # physical row -> key, live rows only
+        self.row_of: dict[Hashable, int] = {}
+        self.lengths: list[int] = []  # tokens held, per physical row
+        self.n_decoding = 0
+        self.plan: Plan | None = None
+
+    @classmethod
+    def for_model(cls, config, dtype: torch.dtype, device: torch.device, max_length: int) -> SlotCache:
+        """A cache shaped for a transformers decoder config (full attention on every layer)."""
+        for kind in getattr(config, "layer_types", None) or ["full_attention"]:
+            if kind != "full_attention":
+                raise NotImplementedError(
+                    f"layers of type {kind!r} (sliding-window or linear attention) are not supported by "
+                    "the slot cache yet; only full-attention models are")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, dtype, device, max_length)
+
+    # -- what the members ask -------------------------------------------------------------
+    @property
+    def keys(self) -> list[Hashable]:
+        """Live keys in physical order (decoding rows first)."""
+        return list(self.order)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.order)
+
+    def length_of(self, key: Hashable) -> int:
+        return self.lengths[self.row_of[key]]
 
     @property
-    def length(self) -> int:
-        """Columns currently held (padding included)."""
-        return 0 if self.mask is None else self.mask.shape[1]
+    def capacity(self) -> tuple[int, int]:
+        """``(rows, length)`` allocated."""
+        return self.keys_[0].shape[0], self.keys_[0].shape[2]
 
-    def extend(self, cache: DynamicCache, mask: torch.Tensor, keys: Sequence[Hashable]) -> None:
-        """Append rows prefilled elsewhere: ``cache`` with ``mask [n, Lp]`` (left-padded)."""
-        duplicate = set(keys) & set(self.keys)
-        if duplicate:
-            raise ValueError(f"rows already in the cache: {sorted(map(str, duplicate))}")
-        _check_layers(cache)
-        next_pos = mask.sum(dim=1)  # positions are 0..len-1 over the real tokens
-        if self.cache is None:
-            self.cache, self.mask, self.next_pos, self.keys = cache, mask, next_pos, list(keys)
-            return
-        total = max(self.length, mask.shape[1])
-        pad_old, pad_new = total - self.length, total - mask.shape[1]
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, pad_old), _pad_left(new.keys, pad_new)])
-            old.values = torch.cat([_pad_left(old.values, pad_old), _pad_left(new.values, pad_new)])
-        self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
-        self.next_pos = torch.cat([self.next_pos, next_pos])
-        self.keys.extend(keys)
+    def plan_prefill(self, keys: Sequence[Hashable], chunk_lens: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plan a forward appending ``chunk_lens[i]`` tokens to each key (new keys are admitted);
+        the forward's input is right-padded to ``width``. Returns ``positions [n, width]`` and the
+        4D ``mask [n, 1, width, kv_len]``."""
+        for key in keys:
+            if key not in self.row_of:
+                self._admit(key)
+            elif self.row_of[key] < self.n_decoding:
+                raise ValueError(f"row {key!r} already decodes; it cannot be prefilled again")
+        rows = [self.row_of[k] for k in keys]
+        starts = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long)
+        ends = starts + torch.tensor(list(chunk_lens), dtype=torch.long)
+        self._reserve(int((starts + width).max()))
+        cols = starts.unsqueeze(1) + torch.arange(width).unsqueeze(0)  # [n, width]
+        kv_len = int((starts + width).max())
+        self.plan = self._plan(rows, cols, kv_len)
+        for r, end in zip(rows, ends.tolist(), strict=True):
+            self.lengths[r] = end
+        return self._finish_inputs(cols, ends)
 
-    def select(self, keys: Sequence[Hashable]) -> None:
-        """Keep exactly ``keys``, in that order; trims columns that are padding in every row."""
-        keys = list(keys)
-        if keys == self.keys:
-            return
-        if not keys:
-            self.__init__()
-            return
-        index = {k: i for i, k in enumerate(self.keys)}
-        missing = [k for k in keys if k not in index]
+    def plan_decode(self, keys: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Plan a one-token forward over ``keys``, which must be every decoding row plus rows whose
+        prefill is done. The forward runs over physical rows ``0 .. B-1``; returns ``perm [B]``
+        (``perm[i]`` is the physical row of ``keys[i]``: inputs go ``x_phys[perm] = x``, outputs
+        come back ``y = y_phys[perm]``), ``positions [B, 1]`` and ``mask [B, 1, 1, kv_len]``."""
+        wanted = set(keys)
+        if len(wanted) != len(keys):
+            raise ValueError("a key is listed twice")
+        missing = [k for k in keys if k not in self.row_of]
         if missing:
             raise KeyError(f"rows not in the cache: {missing}")
-        rows = torch.tensor([index[k] for k in keys], device=self.mask.device)
-        mask = self.mask.index_select(0, rows)
-        first = int(mask.any(dim=0).long().argmax())  # first column some row still uses
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, rows)[:, :, first:]
-            layer.values = layer.values.index_select(0, rows)[:, :, first:]
-        self.mask, self.next_pos, self.keys = mask[:, first:], self.next_pos.index_select(0, rows), keys
+        stale = [k for k in self.order[: self.n_decoding] if k not in wanted]
+        if stale:
+            raise ValueError(f"every decoding row must be decoded each step; missing {stale}")
+        for key in keys:  # rows whose prefill is done join the decoding range
+            row = self.row_of[key]
+            if row >= self.n_decoding:
+                self._swap(row, self.n_decoding)
+                self.n_decoding += 1
+        batch = self.n_decoding
+        starts = torch.tensor(self.lengths[:batch], dtype=torch.long)
+        self._reserve(int(starts.max()) + 1)
+        cols = starts.unsqueeze(1)  # [B, 1]
+        self.plan = self._plan(list(range(batch)), cols, int(starts.max()) + 1)
+        for r in range(batch):
+            self.lengths[r] += 1
+        perm = torch.tensor([self.row_of[k] for k in keys], dtype=torch.long)
+        positions, mask = self._finish_inputs(cols, starts + 1)
+        return perm, positions, mask
+
+    @torch.inference_mode()
+    def release(self, keys: Sequence[Hashable]) -> None:
+        """Forget ``keys`` (unknown keys are ignored); each hole is filled by moving one row."""
+        for key in keys:
+            row = self.row_of.pop(key, None)
+            if row is None:
+                continue
+            last = len(self.order) - 1
+            if row < self.n_decoding:  # keep [decoding | prefilling] contiguous
+                self.n_decoding -= 1
+                self._move(self.n_decoding, row)
+                self._move(last, self.n_decoding)
+            else:
+                self._move(last, row)
+            self.order.pop()
+            self.lengths.pop()
 
     def drop(self, keys: Sequence[Hashable]) -> None:
-        """Forget ``keys`` (unknown keys are ignored)."""
-        gone = set(keys)
-        self.select([k for k in self.keys if k not in gone])
+        self.release(keys)
 
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask ``[R, L+1]`` and position ids ``[R, 1]`` for a one-token decode of every row."""
-        ones = torch.ones_like(self.mask[:, :1])
-        return torch.cat([self.mask, ones], dim=1), self.next_pos.unsqueeze(1)
+    # -- what the model asks (transformers Cache API) ------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write ``[n, H, q, hd]`` new keys/values in place; return the planned rows' K/V
+        ``[n, H, kv_len, hd]`` for the attention."""
+        plan = self.plan
+        k_all, v_all = self.keys_[layer_idx], self.values_[layer_idx]
+        rows = plan.rows.unsqueeze(1).expand_as(plan.write_cols)  # [n, q]
+        k_all[rows, :, plan.write_cols] = key_states.transpose(1, 2).to(k_all.dtype)  # [n, q, H, hd]
+        v_all[rows, :, plan.write_cols] = value_states.transpose(1, 2).to(v_all.dtype)
+        if plan.contiguous:
+            first, n = int(plan.rows[0]), plan.rows.shape[0]
+            return k_all[first : first + n, :, : plan.kv_len], v_all[first : first + n, :, : plan.kv_len]
+        return k_all[plan.rows, :, : plan.kv_len], v_all[plan.rows, :, : plan.kv_len]
 
-    def advance(self, mask: torch.Tensor) -> None:
-        """Record a one-token decode of every row (``mask`` as returned by ``step_inputs``)."""
-        self.mask = mask
-        self.next_pos = self.next_pos + 1
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths, default=0)
 
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _plan(self, rows: list[int], cols: torch.Tensor, kv_len: int) -> Plan:
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        device = self.device
+        return Plan(torch.tensor(rows, dtype=torch.long, device=device), cols.to(device), kv_len, contiguous)
 
-def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Pad ``[R, H, L, hd]`` with n zero columns in front of L."""
-    return x if n == 0 else F.pad(x, (0, 0, n, 0))
+    def _finish_inputs(self, cols: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids (= columns) and the 4D mask of the planned forward."""
+        kv = torch.arange(self.plan.kv_len)
+        visible = (kv.view(1, 1, -1) <= cols.unsqueeze(-1)) & (kv.view(1, 1, -1) < ends.view(-1, 1, 1))
+        return cols.to(self.device), visible.unsqueeze(1).to(self.device)  # [n, q], [n, 1, q, kv_len]
 
+    def _admit(self, key: Hashable) -> None:
+        row = len(self.order)
+        if row == self.capacity[0]:
+            self._allocate(2 * row, self.capacity[1])
+        self.order.append(key)
+        self.row_of[key] = row
+        self.lengths.append(0)
 
-def _check_layers(cache: DynamicCache) -> None:
-    for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
-            raise NotImplementedError(
-                f"cache layers of type {type(layer).__name__} (sliding-window or linear attention) "
-                "are not supported by the slot cache yet; only full-attention models are"
-            )
+    def _reserve(self, length: int) -> None:
+        if length > self.max_length:
+            raise ValueError(f"a row needs {length} positions; the cache holds at most {self.max_length}")
+        if length > self.capacity[1]:
+            grown = max(length, 2 * self.capacity[1])
+            self._allocate(self.capacity[0], min(self.max_length, -(-grown // BLOCK) * BLOCK))
+
+    def _allocate(self, rows: int, length: int) -> None:
+        """(Re)allocate every layer at ``[rows, H, length, hd]``, keeping what is held."""
+        shape = (rows, self.num_kv_heads, length, self.head_dim)
+        fresh_k, fresh_v = [], []
+        for layer in range(self.num_layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: masked columns stay finite
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.keys_:
+                old_rows, _, old_len, _ = self.keys_[layer].shape
+                k[:old_rows, :, :old_len] = self.keys_[layer]
+                v[:old_rows, :, :old_len] = self.values_[layer]
+            fresh_k.append(k)
+            fresh_v.append(v)
+        self.keys_, self.values_ = fresh_k, fresh_v
+
+    def _move(self, src: int, dst: int) -> None:
+        """Row ``src`` takes physical row ``dst`` (its own columns only are copied)."""
+        if src == dst:
+            return
+        n = self.lengths[src]
+        for k, v in zip(self.keys_, self.values_, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        key = self.order[src]
+        self.order[dst], self.lengths[dst] = key, n
+        self.row_of[key] = dst
+
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        n = max(self.lengths[a], self.lengths[b])
+        for k, v in zip(self.keys_, self.values_, strict=True):
+            k[[a, b], :, :n] = k[[b, a], :, :n]
+            v[[a, b], :, :n] = v[[b, a], :, :n]
+        ka, kb = self.order[a], self.order[b]
+        self.order[a], self.order[b] = kb, ka
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+        self.row_of[ka], self.row_of[kb] = b, a

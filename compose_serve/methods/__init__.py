@@ -13,16 +13,22 @@ from .mixture import Mixture
 
 
 def build_method(spec: CompositionSpec) -> Method:
-    """The method object of a validated composition."""
+    """The method object of a validated composition (its router loaded, when it has one)."""
     names = [m.name for m in spec.members]
     params = spec.parsed_params()
-    if spec.method == "mixture":
-        assert isinstance(params, MixtureParams)
-        temps = [m.temperature for m in spec.members]
-        return Mixture(names, spec.fixed_weights(), temps, params.weights, params.tau)
-    if spec.method == "logit_mix":
-        assert isinstance(params, LogitMixParams)
-        return LogitMix(names, spec.fixed_weights(), params.weights, params.tau)
+    if spec.method in ("mixture", "logit_mix"):
+        assert isinstance(params, (MixtureParams, LogitMixParams))
+        if spec.method == "mixture":
+            temps = [m.temperature for m in spec.members]
+            method: Method = Mixture(names, spec.fixed_weights(), temps, params.weights, params.tau)
+        else:
+            method = LogitMix(names, spec.fixed_weights(), params.weights, params.tau)
+        if params.weights == "router":
+            from ..router import Router
+
+            method.router = Router.load(params.router, member_names=names)
+            method.top_k, method.min_confidence = params.top_k, params.min_confidence
+        return method
     if spec.method == "delta":
         assert isinstance(params, DeltaParams)
         return Delta(names, spec.roles(), params.alpha, params.space, params.plausibility)

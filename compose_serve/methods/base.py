@@ -9,6 +9,11 @@
   effective weight of each member in each row (the per-row diagnostics).
 
 A member whose row weight is 0 contributes nothing, so the engine need not run it for that row.
+
+Routing (``mixture`` and ``logit_mix`` with ``weights: router``): before any member runs, the
+router's probabilities ``[n, K]`` for the new requests become their weights through ``route``:
+``top_k`` keeps the k most probable members per row, renormalised; a row whose top probability is
+below ``min_confidence`` takes the composition's fixed weights instead.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidRequestError
+
+#: bound on a per-request coefficient (logit_mix weight, delta alpha): past it a float32 row of
+#: scaled logits overflows into inf/NaN, and it only sharpens the distribution to its argmax anyway
+MAX_COEFFICIENT = 1000.0
 
 
 @dataclass
@@ -37,6 +46,12 @@ class Method(ABC):
     member_names: list[str]
     #: weights come from each member's prompt NLL at prefill (PackLLM)
     uses_prompt_nll: bool = False
+    #: a one-hot row is one member's own distribution (mixture, logit_mix): ``solo_plan``
+    serves_members_alone: bool = False
+    #: weights come from a router over the prompt (``route``); None when the method has none
+    router = None
+    top_k: int | None = None
+    min_confidence: float | None = None
 
     @abstractmethod
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused: ...
@@ -74,7 +89,54 @@ class Method(ABC):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf"):
                 raise InvalidRequestError(f"composition.weights.{name} must be a finite number, got {w!r}",
                                           param=f"composition.weights.{name}")
+            if abs(w) > MAX_COEFFICIENT:
+                raise InvalidRequestError(
+                    f"composition.weights.{name} must be in [-{MAX_COEFFICIENT:g}, {MAX_COEFFICIENT:g}], got {w!r}",
+                    param=f"composition.weights.{name}")
             out.append(float(w))
+        if not any(out):
+            raise InvalidRequestError("composition.weights gives every member weight 0: no member would run",
+                                      param="composition.weights")
+        return out
+
+    def solo_plan(self, member: str) -> dict | None:
+        """The ``composition`` override that serves ``member`` by itself (its own distribution),
+        or None when this method gives a member alone no meaning (catalog and HTTP ask this)."""
+        if self.serves_members_alone and len(self.member_names) > 1 and member in self.member_names:
+            return {"weights": {member: 1.0}}
+        return None
+
+    def route(self, probs: torch.Tensor) -> torch.Tensor:
+        """The router's probabilities ``[n, K]`` -> per-row weights ``[n, K]`` float32 (module docstring)."""
+        probs = probs.float()
+        weights = probs
+        if self.top_k is not None and self.top_k < probs.shape[1]:
+            keep = probs.topk(self.top_k, dim=1).indices
+            weights = torch.zeros_like(probs).scatter(1, keep, probs.gather(1, keep))
+            weights = weights / weights.sum(dim=1, keepdim=True)
+        if self.min_confidence is not None:
+            unsure = probs.max(dim=1).values < self.min_confidence
+            fallback = torch.tensor(self.default_weights(), dtype=torch.float32)
+            weights = torch.where(unsure.unsqueeze(1), fallback.expand_as(weights), weights)
+        return weights
+
+    @staticmethod
+    def one_hot_rows(member_logits: Sequence[torch.Tensor], weights: torch.Tensor,
+                     temperatures: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``log_softmax(z_k / T_k)`` per row when every row has one member at weight 1 (a top-1
+        routed batch, a member served alone), which is what any mixture of them equals exactly;
+        None otherwise. Saves the K-member fusion over the vocabulary on the hot path."""
+        hot = weights == 1
+        if not bool((hot.sum(dim=1) == 1).all()) or not bool(((weights == 0) | hot).all()):
+            return None
+        out = torch.empty((weights.shape[0], member_logits[0].shape[1]), dtype=torch.float32, device=weights.device)
+        for k, z in enumerate(member_logits):
+            rows = hot[:, k].nonzero().squeeze(1)
+            if len(rows):
+                scaled = z.index_select(0, rows.to(z.device)).float()
+                if temperatures is not None:
+                    scaled = scaled / temperatures[k]
+                out[rows] = torch.log_softmax(scaled, dim=-1).to(out.device)
         return out
 
     def weights_from_prompt_nll(self, prompt_nll: torch.Tensor, tau: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ from .base import Fused, Method
 
 class LogitMix(Method):
     name = "logit_mix"
+    serves_members_alone = True
 
     def __init__(self, member_names, weights, dynamic: str = "fixed", tau: float = 1.0) -> None:
         self.member_names = list(member_names)
@@ -27,4 +28,7 @@ class LogitMix(Method):
         return list(self.weights)
 
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
+        one_hot = self.one_hot_rows(member_logits, weights)
+        if one_hot is not None:
+            return Fused(one_hot, weights)
         return Fused(kernels.mix_logits(member_logits, weights), weights)

@@ -21,6 +21,7 @@ from .base import Fused, Method
 
 class Mixture(Method):
     name = "mixture"
+    serves_members_alone = True
 
     def __init__(self, member_names, weights, temperatures, dynamic: str = "fixed", tau: float = 1.0) -> None:
         self.member_names = list(member_names)
@@ -46,6 +47,9 @@ class Mixture(Method):
         temperatures = None if self._plain_temperatures else self.temperatures.to(weights.device)
         if self.dynamic == "entropy":
             weights = entropy_weights(member_logits, weights, self.temperatures.to(weights.device), self.tau)
+        one_hot = self.one_hot_rows(member_logits, weights, temperatures)
+        if one_hot is not None:
+            return Fused(one_hot, weights)
         return Fused(kernels.mix_probs(member_logits, weights, temperatures), weights)
 
 

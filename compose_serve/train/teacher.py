@@ -7,8 +7,9 @@
   siamese pair whose gate takes its prompt means over ``prompt``, as at prefill), and the
   composition's own ``method.fuse`` fuses the ``N`` rows exactly as the engine fuses one decoding
   step. Per-step dynamic weights (``entropy``) therefore act per position, logit arithmetic keeps its
-  plausibility cut, and PackLLM weights (``prompt_perplexity``) come from each member's mean NLL over
-  the row's prompt, as the engine computes it at prefill.
+  plausibility cut, PackLLM weights (``prompt_perplexity``) come from each member's mean NLL over
+  the row's prompt, as the engine computes it at prefill, and a routed composition's weights from
+  its router over the row's prompt (members no row was routed to are not run).
 
 Any method is a teacher this way, including those that cannot be distilled member by member
 (logit arithmetic, IMSM). ``teacher_kl`` measures a second composition (a student, a specialist, a
@@ -59,6 +60,7 @@ class FusedTeacher:
         self.composition = composition
         self.method = composition.method
         self.weights = torch.tensor(self.method.row_weights(override), dtype=torch.float32)  # [K]
+        self.routed = self.method.router is not None and not override
 
     @property
     def vocab_size(self) -> int:
@@ -70,9 +72,12 @@ class FusedTeacher:
     ) -> torch.Tensor:
         vocab = self.vocab_size
         rows_of = select.nonzero()[:, 0]  # [N]: the batch row of each scored position
+        routed = self.route(ids, prompt) if self.routed else None  # [B, K]
         logits, nll = [], []
-        for member in self.composition.members:
-            if self.method.uses_prompt_nll:
+        for k, member in enumerate(self.composition.members):
+            if routed is not None and not routed[:, k].any():  # no row runs this member
+                logits.append(torch.zeros((len(rows_of), vocab)))
+            elif self.method.uses_prompt_nll:
                 full = member.sequence_logits(ids, mask, prompt)[..., :vocab]  # [B, T, V]
                 nll.append(prompt_nll(full, ids, prompt))
                 logits.append(full[select.to(full.device)])
@@ -81,10 +86,19 @@ class FusedTeacher:
         if self.method.uses_prompt_nll:
             per_row = self.method.weights_from_prompt_nll(torch.stack(nll, dim=1).cpu(), self.method.tau)
             weights = per_row[rows_of]  # [N, K]
+        elif routed is not None:
+            weights = routed[rows_of]  # [N, K]
         else:
             weights = self.weights.expand(len(rows_of), -1).clone()  # [N, K]
-        device = logits[0].device
-        return self.method.fuse(logits, weights.to(device)).logprobs.float()
+        device = next(t.device for t, sc in zip(logits, weights.T, strict=True) if sc.any())
+        return self.method.fuse([t.to(device) for t in logits], weights.to(device)).logprobs.float()
+
+    def route(self, ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """A routed composition's weights ``[B, K]`` from its router over each row's prompt."""
+        router = self.method.router
+        prompts = [row[keep].tolist() for row, keep in zip(ids, prompt.bool(), strict=True)]
+        features = self.composition.prompt_features(prompts, router.layer, router.pooling)
+        return self.method.route(router.probs(features.float().cpu()))
 
 
 def prompt_nll(logits: torch.Tensor, ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

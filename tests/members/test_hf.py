@@ -42,14 +42,30 @@ def test_prefill_decode_join_leave_equal_no_cache_forward(tiny):
 
 
 @torch.no_grad()
-def test_padding_columns_are_trimmed_when_the_long_row_leaves(tiny):
+def test_a_prompt_prefilled_in_chunks_scores_like_one_prefill(tiny):
+    """Chunks of 3 tokens (rows of different lengths, finishing at different chunks) give the
+    no-cache logits of every prefix, the running prompt NLL, and then decode exactly."""
     member = _member(tiny["a"])
+    ref = AutoModelForCausalLM.from_pretrained(tiny["a"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
-    member.prefill([0, 1], [tok.encode("a b c d e f g h i j k l m n o p"), tok.encode("x")])
-    long_width = member.kv.length
-    member.release([0])
-    assert member.kv.length == len(tok.encode("x"))
-    assert long_width > member.kv.length
+    prompts = {0: tok.encode("The quick brown fox jumps over"), 1: tok.encode("2 + 2 = 4")}
+    done = {0: 0, 1: 0}
+    while any(done[s] < len(p) for s, p in prompts.items()):
+        slots = [s for s in prompts if done[s] < len(prompts[s])]
+        chunks = [prompts[s][done[s] : done[s] + 3] for s in slots]
+        scores = member.prefill(slots, chunks, want_prompt_nll=True)
+        for row, (slot, chunk) in enumerate(zip(slots, chunks, strict=True)):
+            done[slot] += len(chunk)
+            seen = prompts[slot][: done[slot]]
+            logits = ref(torch.tensor([seen])).logits[0]
+            torch.testing.assert_close(scores.logits[row], logits[-1], atol=1e-4, rtol=1e-4)
+            want_nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(seen[1:])) if len(seen) > 1 else 0
+            torch.testing.assert_close(scores.prompt_nll[row], torch.as_tensor(want_nll), atol=1e-5, rtol=1e-5)
+    last = torch.tensor([7, 9])
+    got = member.decode([1, 0], last).logits
+    for row, (slot, token) in enumerate(zip([1, 0], last.tolist(), strict=True)):
+        want = ref(torch.tensor([prompts[slot] + [token]])).logits[0, -1]
+        torch.testing.assert_close(got[row], want, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()

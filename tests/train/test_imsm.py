@@ -12,6 +12,7 @@ from compose_serve.composition import build_composition
 from compose_serve.config import load_composition, parse_composition
 from compose_serve.engine import Engine, Request
 from compose_serve.members.hf import load_causal_lm, load_tokenizer
+from compose_serve.members.shared import SharedBase
 from compose_serve.members.siamese import SiameseMember
 from compose_serve.sampling import SamplingParams
 from compose_serve.train.imsm import (
@@ -89,7 +90,7 @@ def test_saved_adapter_and_gate_serve_the_same_tokens(tiny, tmp_path):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
     spec = load_composition(path)
     in_memory = build_composition(
-        spec, members=[SiameseMember(spec.members[0].name, model, tokenizer, gate)]
+        spec, members=[SiameseMember(spec.members[0].name, SharedBase(model, tokenizer), "default", gate)]
     )
     before = Engine(in_memory, max_batch=1).generate([Request(prompt, params)])[0]
     reloaded = build_composition(parse_composition(spec.model_dump(mode="json")))
