@@ -4,6 +4,8 @@
     compose-serve train --task NAME --out DIR          (a LoRA specialist on generated task data)
     compose-serve train-imsm --task NAME --out DIR     (IMSM: adapter + gate jointly)
     compose-serve merge --method ... --out DIR         (weight-merged baselines)
+    compose-serve fit-router --config FILE|NAME --task NAME|--examples MEMBER=FILE.jsonl ... --out DIR
+                             [--layer L | --layers L1,L2] [--pooling mean|last]  (a routed composition's router)
     compose-serve generate --config FILE|NAME --prompt TEXT [--chat] [--max-tokens N]
                            [--temperature T] [--seed S] [--top-logprobs K] [--weights a=0.3,b=0.7] [--json]
 
@@ -116,6 +118,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="running sequences per composition")
     p.add_argument("--max-queue", type=int, default=None, help="waiting requests before HTTP 429")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default none)")
+    p.add_argument("--max-body-mb", type=float, default=16.0,
+                   help="largest request body in MiB; larger ones get HTTP 413 (default 16)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads of the engine (default: one per core but one, on CPU)")
     p.set_defaults(func=run_serve)
@@ -131,13 +135,15 @@ def run_serve(args) -> int:
         engine = {"max_batch": args.max_batch, "max_queue": args.max_queue,
                   "request_timeout": args.request_timeout, "torch_threads": args.torch_threads}
         serve_on_ray(args.config, host=args.host, port=args.port, address=args.address, api_key=api_key,
-                     engine_options={k: v for k, v in engine.items() if v is not None})
+                     engine_options={k: v for k, v in engine.items() if v is not None},
+                     max_body_bytes=int(args.max_body_mb * 2**20))
         return 0
     from .http.server import run_server
 
     return run_server(args.config, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
                       max_queue=args.max_queue, request_timeout=args.request_timeout,
-                      torch_threads=args.torch_threads, log_level="info" if args.verbose else "warning")
+                      torch_threads=args.torch_threads, log_level="info" if args.verbose else "warning",
+                      max_body_bytes=int(args.max_body_mb * 2**20))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.commands import add_train
     from .train.distill import add_distill
     from .train.imsm import add_train_imsm
+    from .train.router import add_fit_router
 
     add_train(sub)
     add_train_imsm(sub)
     add_merge(sub)
     add_distill(sub)
+    add_fit_router(sub)
     return parser
 
 

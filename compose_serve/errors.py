@@ -58,6 +58,19 @@ class ModelNotFoundError(ComposeError):
     error_type = "not_found_error"
 
 
+class AuthenticationError(ComposeError):
+    """Missing or wrong API key (HTTP 401)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is over the server's limit (HTTP 413)."""
+
+    status_code = 413
+
+
 class QueueFullError(ComposeError):
     """The waiting queue is at its bound (HTTP 429 with Retry-After)."""
 
@@ -70,7 +83,33 @@ class QueueFullError(ComposeError):
 
 
 class EngineDeadError(ComposeError):
-    """The engine's step loop has stopped; pending requests end with this error (HTTP 503)."""
+    """The engine's step loop has stopped, or its replica is down (HTTP 503); with
+    ``retry_after`` (seconds) when it is expected back (a replica that Ray restarts)."""
 
     status_code = 503
     error_type = "service_unavailable"
+
+    def __init__(self, message: str, param: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, param)
+        self.retry_after = retry_after
+
+
+class RequestFailedError(ComposeError):
+    """This request failed inside the engine (a bug its input reached); the others went on (HTTP 500)."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+
+class StepFailedError(ComposeError):
+    """A step raised while this request was in the batch; the engine went on (HTTP 500)."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+
+class RequestTimeoutError(ComposeError):
+    """A request ran past the server's per-request timeout (HTTP 504)."""
+
+    status_code = 504
+    error_type = "timeout_error"

@@ -31,6 +31,8 @@ from compose_serve.errors import InvalidRequestError
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 100.0
+#: temperatures below this are greedy (their limit): 1e-300 would be 0 in float32 and divide by it
+GREEDY_BELOW = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class SamplingParams:
     """One request's sampling fields, validated and normalised on construction."""
 
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0  # 0 (or -1 on input) = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -162,7 +164,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise if a token id in the request is outside ``[0, vocab_size)``; call at admission."""
@@ -207,7 +209,7 @@ class Sampler:
       1. logit_bias: add each row's bias to its tokens.
       2. repetition penalty on prompt and output tokens: ``s < 0 -> s * p``, else ``s / p``.
       3. frequency and presence penalties on output tokens: ``s -= f * count + p * (count > 0)``.
-      4. greedy rows (temperature 0 or top_k 1): argmax; they draw no random numbers.
+      4. greedy rows (temperature 0, or below GREEDY_BELOW, or top_k 1): argmax; no random draws.
       5. temperature: ``(s - max s) / T`` (the shift keeps tiny temperatures finite).
       6. top-k: keep the k highest scores (ties broken by lower token id).
       7. top-p: keep the smallest prefix of the sorted tokens whose probability sums to >= top_p;
@@ -426,6 +428,7 @@ def _top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
     # top_p == 1 rows are skipped outright: rounding could push mass_before to 1.0 in a long tail.
     drop |= (mass_before >= top_p) & (top_p < 1.0)
+    drop[:, 0] = False  # the most likely token always stays (a tiny top_p is 0 in float32)
     drop_by_id = torch.empty_like(drop).scatter_(-1, sorted_ids, drop)  # back to vocabulary order
     return scores.masked_fill(drop_by_id, -math.inf)
 

@@ -12,6 +12,7 @@ config (``import_path: compose_serve.deployments:app_builder``, ``args: {configs
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from compose_serve.config import CompositionSpec, load_composition, parse_composition
+from compose_serve.http.app import MAX_BODY_BYTES
 
 from .composition import CompositionServer
 from .ingress import OpenAIIngress
@@ -63,11 +65,13 @@ def _spec(config: str | Path | dict | CompositionSpec) -> CompositionSpec:
 
 
 def build_app(configs: Sequence[str | Path | dict | CompositionSpec], api_key: str | None = None,
-              ingress_options: dict | None = None, engine_options: dict | None = None) -> Application:
+              ingress_options: dict | None = None, engine_options: dict | None = None,
+              max_body_bytes: int | None = MAX_BODY_BYTES) -> Application:
     """The whole application for ``configs`` (YAML paths, built-in names, dicts, or parsed specs).
 
     ``engine_options`` go to every composition's AsyncEngine (max_batch, max_queue,
-    request_timeout) and ``torch_threads`` to its replica.
+    request_timeout) and ``torch_threads`` to its replica; ``max_body_bytes`` bounds a request
+    body at the ingress (413 beyond).
     """
     specs = [_spec(c) for c in configs]
     names = [s.name for s in specs]
@@ -82,10 +86,14 @@ def build_app(configs: Sequence[str | Path | dict | CompositionSpec], api_key: s
     ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="openai-ingress",
                                **(ingress_options or {"ray_actor_options": {"num_cpus": 0},
                                                       "max_ongoing_requests": 4096}))
-    return ingress.bind(handles, bodies, api_key)
+    return ingress.bind(handles, bodies, api_key, max_body_bytes)
 
 
 def app_builder(args: dict) -> Application:
-    """For ``serve run``/``serve deploy``: ``args: {configs: [PATH | NAME | {composition}], api_key}``."""
+    """For ``serve run``/``serve deploy``: ``args: {configs: [PATH | NAME | {composition}], api_key,
+    max_body_mb}``; without ``api_key`` the key is ``$COMPOSE_SERVE_API_KEY``, as for ``serve``."""
     configs = args.get("configs") or ["default"]
-    return build_app(configs, api_key=args.get("api_key"))
+    api_key = args.get("api_key") or os.environ.get("COMPOSE_SERVE_API_KEY") or None
+    max_body = args.get("max_body_mb")
+    return build_app(configs, api_key=api_key,
+                     max_body_bytes=MAX_BODY_BYTES if max_body is None else int(float(max_body) * 2**20))

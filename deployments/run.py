@@ -32,7 +32,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def serve_on_ray(configs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
                  api_key: str | None = None, block: bool = True, app_name: str = "compose-serve",
-                 engine_options: dict | None = None) -> str:
+                 engine_options: dict | None = None, max_body_bytes: int | None = 16 * 2**20) -> str:
     """Deploy ``configs`` behind the OpenAI routes on Ray Serve's HTTP proxy; returns the base URL.
 
     ``engine_options`` (max_batch, max_queue, request_timeout, torch_threads) reach every replica.
@@ -41,7 +41,8 @@ def serve_on_ray(configs: Sequence[str], host: str = "127.0.0.1", port: int = 80
 
     from .builder import build_app
 
-    app = build_app(configs, api_key=api_key, engine_options=engine_options)  # validates before Ray starts
+    app = build_app(configs, api_key=api_key, engine_options=engine_options,  # validates before Ray starts
+                    max_body_bytes=max_body_bytes)
     start_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=app_name, route_prefix="/")

@@ -16,7 +16,8 @@ per row), so the same seed need not give the same token on both.
 The choice between Triton and torch is made in ``backend_for`` alone, logged once, and can be
 forced with ``COMPOSE_SERVE_KERNELS=triton|torch`` (triton on CPU tensors needs
 ``TRITON_INTERPRET=1`` set before the first Triton call, which imports ``mix``/``sample``).
-The Triton kernels take at most ``launch.MAX_MEMBERS`` = 8 members (ValueError beyond).
+The Triton kernels take at most ``launch.MAX_MEMBERS`` = 8 members; ``backend_for`` sends more
+members to the torch reference (logged once), so a composition of any size runs on CUDA.
 """
 
 from __future__ import annotations
@@ -27,21 +28,25 @@ import os
 import torch
 
 from . import reference
+from .launch import MAX_MEMBERS
 from .reference import Logits
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()
 
 
-def backend_for(device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``, logging the choice once."""
+def backend_for(device: torch.device, members: int = 1) -> str:
+    """Return ``"triton"`` or ``"torch"`` for ``members`` tensors on ``device``, logging the choice
+    once. The Triton kernels take at most ``MAX_MEMBERS``: more members fall back to torch."""
     forced = os.environ.get("COMPOSE_SERVE_KERNELS", "").strip().lower()
     if forced not in ("", "triton", "torch"):
         raise ValueError(f"COMPOSE_SERVE_KERNELS must be 'triton' or 'torch', got {forced!r}")
     backend = forced or ("triton" if device.type == "cuda" else "torch")
-    if backend not in _logged:
-        _logged.add(backend)
-        how = "forced by COMPOSE_SERVE_KERNELS" if forced else f"for {device.type} tensors"
+    how = "forced by COMPOSE_SERVE_KERNELS" if forced else f"for {device.type} tensors"
+    if backend == "triton" and members > MAX_MEMBERS:
+        backend, how = "torch", f"{members} members: the Triton kernels take at most {MAX_MEMBERS}"
+    if (backend, how) not in _logged:
+        _logged.add((backend, how))
         logger.info("fusion kernels: %s (%s)", backend, how)
     return backend
 
@@ -54,9 +59,13 @@ def _device_of(member_logits: Logits) -> torch.device:
     return member_logits[0].device
 
 
+def _backend(member_logits: Logits) -> str:
+    return backend_for(_device_of(member_logits), len(member_logits))
+
+
 def mix_probs(member_logits: Logits, weights: torch.Tensor, temperatures: torch.Tensor | None = None) -> torch.Tensor:
     """Mixture of distributions; see ``reference.mix_probs`` for the exact contract."""
-    if backend_for(_device_of(member_logits)) == "triton":
+    if _backend(member_logits) == "triton":
         from . import mix  # imported on first use: TRITON_INTERPRET is read at import
 
         return mix.mix_probs(member_logits, weights, temperatures)
@@ -65,7 +74,7 @@ def mix_probs(member_logits: Logits, weights: torch.Tensor, temperatures: torch.
 
 def mix_logits(member_logits: Logits, coeffs: torch.Tensor) -> torch.Tensor:
     """Logit arithmetic; see ``reference.mix_logits`` for the exact contract."""
-    if backend_for(_device_of(member_logits)) == "triton":
+    if _backend(member_logits) == "triton":
         from . import mix
 
         return mix.mix_logits(member_logits, coeffs)
@@ -82,7 +91,7 @@ def sample_mix_probs(
     """Fused ``mix_probs`` + sampling: ``(tokens [B] int64, logprobs [B] float32)``, no ``[B, V]`` row
     written on the Triton path. ``temperature [B]`` (0 = greedy), ``seeds [B]`` int64."""
     device = _device_of(member_logits)
-    if backend_for(device) == "triton":
+    if _backend(member_logits) == "triton":
         from . import sample
 
         return sample.sample_mix_probs(member_logits, weights, temperatures, temperature, seeds)
@@ -98,7 +107,7 @@ def sample_mix_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``mix_logits`` + sampling: ``(tokens [B] int64, logprobs [B] float32)``."""
     device = _device_of(member_logits)
-    if backend_for(device) == "triton":
+    if _backend(member_logits) == "triton":
         from . import sample
 
         return sample.sample_mix_logits(member_logits, coeffs, temperature, seeds)

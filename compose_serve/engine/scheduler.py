@@ -12,9 +12,13 @@
 Closing a stream early (``aclose``, a cancelled task, a client gone) aborts its request: a
 waiting one leaves the queue at once, a running one frees its slot at the next step boundary.
 ``request_timeout`` (seconds from submit) does the same and raises RequestTimeoutError.
-If a step raises, every request in the batch ends with StepFailedError, the engine is reset (all
-slots freed) and the loop goes on; if the reset fails too, the engine is dead: every pending
-request ends with EngineDeadError and so does every later submit. Nothing ever waits forever.
+A failure is kept to the requests it can be blamed on. If admitting new requests raises (their
+prefill, plan or first token), the running batch was not touched and goes on: the new requests
+are tried one by one and each that fails alone ends with RequestFailedError naming the cause. If
+a decode step (or freeing an aborted slot) raises, the cause cannot be told apart: every request
+in the batch ends with StepFailedError, the engine is reset (all slots freed) and the loop goes
+on; if the reset fails too, the engine is dead: every pending request ends with EngineDeadError
+and so does every later submit. Nothing ever waits forever.
 
 The Engine stays single-threaded: only the step thread touches it (``engine.check`` is pure).
 Finished requests are reported, once each, to the ``observer`` (metrics) from whichever thread
@@ -33,25 +37,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..composition import Composition
-from ..errors import ComposeError, EngineDeadError, InvalidRequestError, QueueFullError
+from ..errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    RequestTimeoutError,
+    StepFailedError,
+)
 from .core import Engine
 from .sequence import Request, TokenEvent
 
 logger = logging.getLogger(__name__)
-
-
-class RequestTimeoutError(ComposeError):
-    """A request ran past the server's per-request timeout (HTTP 504)."""
-
-    status_code = 504
-    error_type = "timeout_error"
-
-
-class StepFailedError(ComposeError):
-    """A step raised while this request was in the batch; the engine went on (HTTP 500)."""
-
-    status_code = 500
-    error_type = "internal_error"
 
 
 @dataclass
@@ -152,6 +149,7 @@ class RequestStream:
             None if owner.request_timeout is None else self.record.submitted + owner.request_timeout
         )
         self._closed = False
+        self._stashed: BaseException | None = None
 
     @property
     def request_id(self) -> str:
@@ -161,6 +159,9 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> TokenEvent:
+        if self._stashed is not None:  # an error found by ``ready`` after the events before it
+            error, self._stashed, self._closed = self._stashed, None, True
+            raise error
         if self._closed:
             raise StopAsyncIteration
         try:
@@ -189,6 +190,24 @@ class RequestStream:
             raise RequestTimeoutError(
                 f"request {self.request_id} ran past the request timeout of {self._owner.request_timeout} s"
             ) from None
+
+    def ready(self) -> list[TokenEvent]:
+        """The events already queued, taken without waiting (up to and including the one with a
+        finish_reason; an error stays for the next ``__anext__``). A transport that is slower than
+        the engine sends them as one item instead of one item per token."""
+        events: list[TokenEvent] = []
+        while not self._closed and self._stashed is None:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if isinstance(item, BaseException):
+                self._stashed = item
+                break
+            events.append(item)
+            if item.finish_reason is not None:
+                self._closed = True
+        return events
 
     async def aclose(self) -> None:
         self.close()
@@ -288,8 +307,8 @@ class AsyncEngine:
         per_request = self._mean_e2e or 1.0
         retry_after = min(60.0, max(1.0, math.ceil(per_request * (waiting + 1) / self.max_batch)))
         raise QueueFullError(
-            f"{self.name!r} is full: {self._running} running (max_batch {self.max_batch}) and {waiting} "
-            f"waiting (max_queue {self.max_queue}); retry after {retry_after:.0f} s",
+            f"{self.name!r} is at capacity: {len(self._streams)} requests in (max_batch {self.max_batch} "
+            f"running + max_queue {self.max_queue} waiting); retry after {retry_after:.0f} s",
             retry_after=retry_after,
         )
 
@@ -345,20 +364,61 @@ class AsyncEngine:
     def _iterate(self) -> bool:
         """One step boundary: aborts, admissions, the step. False when the loop must stop."""
         with self._lock:
-            while not (self._stopping or self._aborts or self._waiting or self.engine.running):
+            while not (self._stopping or self._aborts or self._waiting or self.engine.busy):
                 self._lock.wait()
             if self._stopping:
                 return False
             aborts, self._aborts = self._aborts, []
-        self._apply_aborts(aborts)
-        admitted = self._admit()
         try:
-            if admitted:
-                self._dispatch(self.engine.add([s.request for s in admitted]))
-            if self.engine.running:
+            self._apply_aborts(aborts)
+        except Exception as exc:  # freeing a slot failed: the engine's state is unknown
+            return self._recover(exc)
+        admitted = self._admit()
+        if admitted and not self._add(admitted):
+            return False
+        try:
+            if self.engine.busy:
                 self._dispatch(self.engine.step())
         except Exception as exc:
             return self._recover(exc)
+        return True
+
+    def _add(self, admitted: list[RequestStream]) -> bool:
+        """Prefill ``admitted`` and emit their first tokens. ``add`` touches only the new slots,
+        so when it raises, the running batch goes on: the new requests' slots are freed and each
+        is tried alone; one that fails alone ends alone with RequestFailedError naming the cause.
+        False when the engine could not be repaired (it stops)."""
+        try:
+            self._dispatch(self.engine.add([s.request for s in admitted]))
+            return True
+        except Exception as exc:
+            if len(admitted) == 1:
+                return self._fail_one(admitted[0], exc)
+        try:
+            self.engine.discard({s.request_id for s in admitted})
+        except Exception as exc:
+            return self._recover(exc)
+        for stream in admitted:
+            try:
+                self._dispatch(self.engine.add([stream.request]))
+            except Exception as exc:
+                if not self._fail_one(stream, exc):
+                    return False
+        return True
+
+    def _fail_one(self, stream: RequestStream, exc: Exception) -> bool:
+        """End one request whose admission raised, free its slot; the others go on."""
+        logger.error("request %s failed at admission in %s", stream.request_id, self.name, exc_info=exc)
+        try:
+            self.engine.discard({stream.request_id})
+        except Exception as discard_exc:
+            return self._recover(discard_exc)
+        with self._lock:
+            if stream.state == _DONE:
+                return True
+            self._end(stream, "error")
+        message = f"the request failed in the engine ({type(exc).__name__}: {exc}); other requests went on"
+        self._fail([stream], lambda: RequestFailedError(message))
         return True
 
     def _apply_aborts(self, aborts: list[tuple[RequestStream, str]]) -> None:

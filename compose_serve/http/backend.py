@@ -7,7 +7,11 @@ Contract (``Backend``):
   ``TokenEvent`` (ending after the event with a finish_reason; ``aclose()`` aborts it). Refusals
   are raised by the ``await`` itself, before any event: InvalidRequestError / ContextLengthError
   (400), QueueFullError (429), EngineDeadError (503); errors after admission come from the iterator;
-- ``health()``, ``metrics()`` (Prometheus text and its content type), ``close()``.
+- ``check(name, request)``: the admission checks (pure, raises InvalidRequestError /
+  ContextLengthError naming the field), so a request of several prompts or choices is refused
+  whole before any part of it is queued;
+- ``health()`` (answers within a second whatever the state), ``metrics()`` (Prometheus text and
+  its content type), ``close()``.
 ``InProcessBackend`` wraps AsyncEngines in this process; the Ray Serve ingress (a later issue)
 implements the same contract over deployment handles, routing by composition name.
 """
@@ -15,7 +19,7 @@ implements the same contract over deployment handles, routing by composition nam
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..composition import Composition
@@ -33,12 +37,32 @@ class CompositionInfo:
     method: str
     members: tuple[str, ...]
     max_context: int
+    vocab_size: int | None = None
+    #: member -> the ``composition`` override that serves it alone, as the method answers
+    #: ``solo_plan`` (only members that can be served alone)
+    solo: dict[str, dict] = field(default_factory=dict)
+
+
+def composition_info(composition: Composition) -> CompositionInfo:
+    """What the HTTP layer needs to know of a built composition; the method answers for itself."""
+    method = composition.method
+    solo = {m: plan for m in method.member_names if (plan := method.solo_plan(m)) is not None}
+    return CompositionInfo(
+        composition.name,
+        composition.spec.method,
+        tuple(method.member_names),
+        composition.max_context,
+        composition.vocab_size,
+        solo,
+    )
 
 
 class Backend(Protocol):
     def compositions(self) -> list[CompositionInfo]: ...
 
     def tokenizer(self, name: str) -> Any: ...
+
+    def check(self, name: str, request: Request) -> None: ...
 
     async def generate(self, name: str, request: Request) -> AsyncIterator[TokenEvent]: ...
 
@@ -85,18 +109,13 @@ class InProcessBackend:
             raise ModelNotFoundError(f"no composition named {name!r}", param="model") from None
 
     def compositions(self) -> list[CompositionInfo]:
-        return [
-            CompositionInfo(
-                name,
-                e.composition.spec.method,
-                tuple(e.composition.method.member_names),
-                e.composition.max_context,
-            )
-            for name, e in self.engines.items()
-        ]
+        return [composition_info(e.composition) for e in self.engines.values()]
 
     def tokenizer(self, name: str) -> Any:
         return self._engine(name).composition.tokenizer
+
+    def check(self, name: str, request: Request) -> None:
+        self._engine(name).engine.check(request)
 
     async def generate(self, name: str, request: Request) -> AsyncIterator[TokenEvent]:
         return self._engine(name).submit(request)

@@ -1,8 +1,9 @@
-"""Which served name runs what: compositions, and members of mixtures served alone.
+"""Which served name runs what: compositions, and members served alone.
 
-A member of a ``mixture`` or ``logit_mix`` composition is served by itself as that composition
-with one-hot weights ``{"member": 1.0}``: a zero-weight member is never run, so this is exactly
-the member's own distribution (at its configured temperature). Members of ``delta`` and
+Whether a member can be served by itself is the method's answer (``Method.solo_plan``, carried
+in ``CompositionInfo.solo``), not the catalog's: a ``mixture`` or ``logit_mix`` member is that
+composition with one-hot weights (a zero-weight member never runs, so this is exactly the
+member's own distribution at its configured temperature); members of ``delta`` and
 ``interweave`` compositions have no such meaning and are not listed; nor are the members of a
 one-member composition (the composition is the member).
 """
@@ -12,8 +13,6 @@ from __future__ import annotations
 from ..errors import ModelNotFoundError
 from .backend import CompositionInfo
 from .protocol import ModelCard, ModelList
-
-ONE_HOT_METHODS = ("mixture", "logit_mix")
 
 
 class ModelCatalog:
@@ -27,12 +26,7 @@ class ModelCatalog:
         self.entries: dict[str, tuple[CompositionInfo, str | None]] = {
             i.name: (i, None) for i in infos
         }
-        members = [
-            (i, m)
-            for i in infos
-            if i.method in ONE_HOT_METHODS and len(i.members) > 1
-            for m in i.members
-        ]
+        members = [(i, m) for i in infos for m in i.members if m in i.solo]
         bare = [m for _, m in members]
         for info, member in members:
             self.entries.setdefault(f"{info.name}/{member}", (info, member))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from ..errors import InvalidRequestError
 from ..sampling import SamplingParams
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -30,6 +32,14 @@ SAMPLING_FIELDS = (
 )
 
 
+def renamed(exc: InvalidRequestError, renames: dict[str, str]) -> InvalidRequestError:
+    """``exc`` naming the field as the request spelled it (``max_completion_tokens``, ``messages``)."""
+    name = renames.get(exc.param)
+    if name is None:
+        return exc
+    return type(exc)(exc.message.replace(exc.param, name, 1), param=name)
+
+
 def sampling_params(
     body, max_tokens: int, logprobs: int | None, renames: dict[str, str]
 ) -> SamplingParams:
@@ -42,23 +52,52 @@ def sampling_params(
             max_tokens=max_tokens, logprobs=logprobs, n=1 if body.n is None else body.n, **fields
         )
     except InvalidRequestError as exc:
-        name = renames.get(exc.param)
-        if name is None:
-            raise
-        raise InvalidRequestError(exc.message.replace(exc.param, name, 1), param=name) from None
+        raise renamed(exc, renames) from None
 
 
-def completion_prompts(tokenizer, prompt) -> list[list[int]]:
-    """Text, a list of texts, a list of token ids, or a list of lists of ids -> id lists."""
+def refuse_invalid_text(value: Any, path: str = "") -> None:
+    """Every string of a request must be Unicode text: JSON's ``"\\ud800"`` (a lone surrogate)
+    is not, and could be neither tokenized nor sent back. The error names the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"{path or 'the request'} is not valid Unicode text: a lone surrogate "
+                f"{ascii(value[exc.start])} at index {exc.start}",
+                param=path or None,
+            ) from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            refuse_invalid_text(getattr(value, name), f"{path}.{name}" if path else name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            refuse_invalid_text(key, path)
+            refuse_invalid_text(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            refuse_invalid_text(item, f"{path}.{i}")
+
+
+def completion_prompts(tokenizer, prompt, vocab_size: int | None = None) -> list[list[int]]:
+    """Text, a list of texts, a list of token ids, or a list of lists of ids -> id lists; ids
+    outside ``[0, vocab_size)`` are refused here, before anything decodes them (``echo``)."""
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)]
     if not prompt:
         raise InvalidRequestError("prompt must not be an empty list", param="prompt")
     if isinstance(prompt[0], str):
         return [tokenizer.encode(text) for text in prompt]
-    if isinstance(prompt[0], int):
-        return [list(prompt)]
-    return [list(ids) for ids in prompt]
+    prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(ids) for ids in prompt]
+    for p, ids in enumerate(prompts):
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            where = "prompt" if isinstance(prompt[0], int) else f"prompt.{p}"
+            limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise InvalidRequestError(
+                f"{where}: token ids {bad[:5]} are outside the vocabulary {limit}", param="prompt"
+            )
+    return prompts
 
 
 def prompt_texts(tokenizer, prompt, prompts: list[list[int]]) -> list[str]:

@@ -1,28 +1,45 @@
-"""Prometheus metrics with vLLM-like names, prefixed ``compose_serve:``, labelled ``model_name``.
+"""Prometheus metrics with vLLM's names, prefixed ``compose_serve:``, labelled ``model_name``.
 
 Gauges are read from the schedulers at scrape time (``num_requests_running``,
-``num_requests_waiting``); everything else is recorded when a request ends (the scheduler's
-observer hook, called from its step thread), so an aborted request's tokens count too:
+``num_requests_waiting``; any object with ``stats() -> SchedulerStats`` is a source, which is how
+the Ray ingress exports the same gauges); everything else is recorded when a request ends (the
+scheduler's observer hook, called from its step thread), so an aborted request's tokens count too:
 ``prompt_tokens_total``, ``generation_tokens_total``, ``request_success_total{finished_reason}``
 (stop, length, abort, timeout, error), ``request_rejected_total`` (queue full, HTTP 429),
 histograms ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``e2e_request_latency_seconds``, ``request_queue_time_seconds``, and per member
 ``member_weight`` / ``member_gate_mean`` (each request's mean over its tokens; the histogram's
 ``_sum / _count`` is the mean over requests). Each instance owns its registry, so several apps
-can live in one process.
+can live in one process. For vLLM dashboards the main series are also exported under vLLM's own
+names (``VLLM_ALIASES``: ``vllm:num_requests_running``, ``vllm:generation_tokens_total``, ...),
+read from the same values at scrape time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..engine.scheduler import AsyncEngine, RequestRecord
+from ..engine.scheduler import RequestRecord, SchedulerStats
 
 P = "compose_serve:"
+VLLM = "vllm:"
+#: the series also exported under vLLM's names (``vllm:`` + the same suffix, same labels)
+VLLM_ALIASES = (
+    "num_requests_running",
+    "num_requests_waiting",
+    "prompt_tokens",
+    "generation_tokens",
+    "request_success",
+    "time_to_first_token_seconds",
+    "inter_token_latency_seconds",
+    "e2e_request_latency_seconds",
+    "request_queue_time_seconds",
+)
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -47,10 +64,14 @@ LATENCY_BUCKETS = (
 WEIGHT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+class StatsSource(Protocol):
+    def stats(self) -> SchedulerStats: ...
+
+
 class _SchedulerGauges:
     """A collector: running and waiting sizes of each scheduler, read when scraped."""
 
-    def __init__(self, engines: Sequence[AsyncEngine]) -> None:
+    def __init__(self, engines: Sequence[StatsSource]) -> None:
         self.engines = list(engines)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -68,12 +89,32 @@ class _SchedulerGauges:
         yield waiting
 
 
-class ServingMetrics:
-    """The scheduler ``Observer`` that feeds a Prometheus registry; ``render()`` for /metrics."""
+class _Aliases:
+    """A collector: the ``VLLM_ALIASES`` families of ``collectors`` again, under ``vllm:`` names."""
 
-    def __init__(self, engines: Sequence[AsyncEngine]) -> None:
+    def __init__(self, collectors) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.collectors:
+            for family in collector.collect():
+                if family.name.removeprefix(P) not in VLLM_ALIASES:
+                    continue
+                alias = Metric(VLLM + family.name.removeprefix(P), family.documentation, family.type)
+                alias.samples = [s._replace(name=VLLM + s.name.removeprefix(P)) for s in family.samples]
+                yield alias
+
+
+class ServingMetrics:
+    """The scheduler ``Observer`` that feeds a Prometheus registry; ``render()`` for /metrics.
+
+    ``engines``: the gauges' sources, AsyncEngines in process (anything with ``stats()``).
+    """
+
+    def __init__(self, engines: Sequence[StatsSource]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_SchedulerGauges(engines))
+        gauges = _SchedulerGauges(engines)
+        self.registry.register(gauges)
         model = ["model_name"]
         r = self.registry
         self.prompt_tokens = Counter(
@@ -133,6 +174,11 @@ class ServingMetrics:
             member,
             buckets=WEIGHT_BUCKETS,
             registry=r,
+        )
+
+        self.registry.register(
+            _Aliases([gauges, self.prompt_tokens, self.generation_tokens, self.success, self.ttft,
+                      self.itl, self.e2e, self.queue_time])
         )
 
     # -- the scheduler's Observer -----------------------------------------------------------

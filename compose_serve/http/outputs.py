@@ -91,7 +91,10 @@ def usage(prompts: list[list[int]], counts: list[int]) -> UsageInfo:
 
 
 def diagnostics(values: dict[str, dict[str, float]]) -> CompositionDiagnostics | None:
-    return CompositionDiagnostics(**values) if values else None
+    if not values:
+        return None
+    ran = [m for m, w in values.get("weights", {}).items() if w > 0] if "weights" in values else None
+    return CompositionDiagnostics(**values, ran=ran)
 
 
 def mean_diagnostics(events: list[TokenEvent]) -> CompositionDiagnostics | None:

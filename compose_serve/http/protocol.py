@@ -109,9 +109,12 @@ class UsageInfo(_Response):
 
 
 class CompositionDiagnostics(_Response):
-    """The extension in responses: per member, the effective weight (and IMSM mean gate)."""
+    """The extension in responses: per member, the effective weight, the members that ran
+    (weight > 0), the router's probabilities (routed compositions) and the IMSM mean gate."""
 
     weights: dict[str, float] | None = None
+    ran: list[str] | None = None
+    router: dict[str, float] | None = None
     gate_mean: dict[str, float] | None = None
 
 

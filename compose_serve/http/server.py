@@ -18,7 +18,7 @@ import uvicorn
 
 from ..composition import build_composition
 from ..config import load_composition
-from .app import build_app
+from .app import MAX_BODY_BYTES, build_app
 from .backend import InProcessBackend
 from .catalog import ModelCatalog
 
@@ -87,12 +87,13 @@ def run_server(
     request_timeout: float | None = None,
     torch_threads: int | None = None,
     log_level: str = "warning",
+    max_body_bytes: int | None = MAX_BODY_BYTES,
 ) -> int:
     """Serve until interrupted; returns the exit status (0 after Ctrl-C)."""
     threads = set_torch_threads(torch_threads)
     print(f"compose-serve: {threads} torch intra-op thread(s)", file=sys.stderr, flush=True)
     backend = build_backend(configs, max_batch, max_queue, request_timeout)
-    app = build_app(backend, api_key=api_key)
+    app = build_app(backend, api_key=api_key, max_body_bytes=max_body_bytes)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))

@@ -1,11 +1,16 @@
 """Translation between OpenAI JSON and the engine's Requests / TokenEvents, and the error mapper.
 
 Per HTTP request (``OpenAIServing.create_completion`` / ``create_chat_completion``):
-  1. resolve ``model``: a composition, or one member served alone (one-hot weights)   -> 404
+  0. every string must be Unicode text (no lone surrogates)                             -> 400
+  1. resolve ``model``: a composition, or one member served alone (the method's plan
+     for it, ``CompositionInfo.solo``)                                                   -> 404
   2. prompt ids: completions take text or ids, one prompt or many; chat applies the
      tokenizer's chat template to the messages                                          -> 400
   3. SamplingParams, built once, names any bad field                                    -> 400
-  4. n Requests per prompt (seed + i when a seed is given), all admitted or none        -> 400/429
+  4. n Requests per prompt (seed + i when a seed is given); every prompt passes the
+     backend's admission checks first, then all are admitted or none                    -> 400/429
+  Steps 0-4 up to admission run in a worker thread: tokenizing a long prompt never stalls
+  the event loop (the other streams, /health).
   5. without ``stream``: every choice's events gathered into one response (text, finish_reason,
      logprobs, usage, the ``composition`` diagnostics); with ``stream``: an ``EventStream`` of
      SSE chunks as tokens arrive, the usage chunk when ``stream_options.include_usage``, then
@@ -23,15 +28,18 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..engine.sequence import Request, TokenEvent
 from ..errors import (
+    AuthenticationError,
     ComposeError,
     ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
+    PayloadTooLargeError,
     QueueFullError,
 )
 from ..sampling import SamplingParams
@@ -41,8 +49,10 @@ from .inputs import (
     chat_prompt_ids,
     completion_prompts,
     prompt_texts,
+    refuse_invalid_text,
     refuse_unsupported_chat,
     refuse_unsupported_completion,
+    renamed,
     sampling_params,
 )
 from .outputs import (
@@ -81,13 +91,6 @@ MAX_N = 64
 Disconnected = Callable[[], Awaitable[None]]  # returns once the client has gone
 
 
-class AuthenticationError(ComposeError):
-    """Missing or wrong API key (HTTP 401)."""
-
-    status_code = 401
-    error_type = "invalid_request_error"
-
-
 # -- one HTTP request as engine requests --------------------------------------------------------
 @dataclass
 class _Job:
@@ -121,22 +124,29 @@ class OpenAIServing:
         self, body: CompletionRequest, disconnected: Disconnected | None = None
     ):
         """A CompletionResponse, or an EventStream of SSE lines when ``body.stream``."""
-        info, member = self.catalog.resolve(body.model)
-        refuse_unsupported_completion(body)
-        tokenizer = self.backend.tokenizer(info.name)
-        prompts = completion_prompts(tokenizer, body.prompt)
-        params = sampling_params(
-            body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs, {}
-        )
-        job = self._job("cmpl", body, info, member, tokenizer, prompts, params, body.logprobs)
-        if body.echo:
-            texts = prompt_texts(tokenizer, body.prompt, prompts)
-            job.echo = [texts[c // params.n] for c in range(len(job.requests))]
+        job = await _off_loop(self._completion_job, body)
         streams = await self._admit(job)
         if body.stream:
             return EventStream(self._completion_chunks(job, streams), streams)
         events = await _gather(streams, disconnected)
         return self._completion_response(job, events)
+
+    def _completion_job(self, body: CompletionRequest) -> _Job:
+        """Steps 1-4 short of admission (tokenizing: a worker thread's job, not the loop's)."""
+        refuse_invalid_text(body)
+        info, member = self.catalog.resolve(body.model)
+        refuse_unsupported_completion(body)
+        tokenizer = self.backend.tokenizer(info.name)
+        prompts = completion_prompts(tokenizer, body.prompt, info.vocab_size)
+        params = sampling_params(
+            body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs, {}
+        )
+        job = self._job("cmpl", body, info, member, tokenizer, prompts, params, body.logprobs)
+        self._check(job, {})
+        if body.echo:
+            texts = prompt_texts(tokenizer, body.prompt, prompts)
+            job.echo = [texts[c // params.n] for c in range(len(job.requests))]
+        return job
 
     def _completion_response(self, job: _Job, events: list[list[TokenEvent]]) -> CompletionResponse:
         token_text = self._tokens(job)
@@ -210,6 +220,16 @@ class OpenAIServing:
         self, body: ChatCompletionRequest, disconnected: Disconnected | None = None
     ):
         """A ChatCompletionResponse, or an EventStream of SSE lines when ``body.stream``."""
+        job = await _off_loop(self._chat_job, body)
+        streams = await self._admit(job)
+        if body.stream:
+            return EventStream(self._chat_chunks(job, streams), streams)
+        events = await _gather(streams, disconnected)
+        return self._chat_response(job, events)
+
+    def _chat_job(self, body: ChatCompletionRequest) -> _Job:
+        """Steps 1-4 short of admission (templating: a worker thread's job, not the loop's)."""
+        refuse_invalid_text(body)
         info, member = self.catalog.resolve(body.model)
         refuse_unsupported_chat(body)
         tokenizer = self.backend.tokenizer(info.name)
@@ -230,11 +250,8 @@ class OpenAIServing:
             body, max_tokens, top, {"max_tokens": max_field, "logprobs": "top_logprobs"}
         )
         job = self._job("chatcmpl", body, info, member, tokenizer, [prompt_ids], params, top)
-        streams = await self._admit(job)
-        if body.stream:
-            return EventStream(self._chat_chunks(job, streams), streams)
-        events = await _gather(streams, disconnected)
-        return self._chat_response(job, events)
+        self._check(job, {"max_tokens": max_field, "prompt": "messages"})
+        return job
 
     def _chat_response(self, job: _Job, events: list[list[TokenEvent]]) -> ChatCompletionResponse:
         token_text = self._tokens(job)
@@ -321,7 +338,7 @@ class OpenAIServing:
                     f"per-request composition needs the composition model",
                     param="composition",
                 )
-            composition = {"weights": {member: 1.0}}
+            composition = info.solo[member]  # the method's plan for its member alone
         job_id = f"{kind}-{uuid.uuid4().hex}"
         requests = []
         for p, prompt_ids in enumerate(prompts):
@@ -340,6 +357,16 @@ class OpenAIServing:
             job_id, body.model, info.name, tokenizer, prompts, requests, logprobs, include_usage
         )
 
+    def _check(self, job: _Job, renames: dict[str, str]) -> None:
+        """Every prompt of the job passes the admission checks before any request is queued
+        (its ``n`` choices differ by their seed only, so one per prompt is checked)."""
+        n = len(job.requests) // len(job.prompts)
+        for request in job.requests[::n]:
+            try:
+                self.backend.check(job.composition, request)
+            except InvalidRequestError as exc:
+                raise renamed(exc, renames) from None
+
     async def _admit(self, job: _Job) -> list[AsyncIterator[TokenEvent]]:
         """Admit every request of the job, or none (those admitted are aborted on a refusal)."""
         streams = []
@@ -356,6 +383,15 @@ class OpenAIServing:
         if job.composition not in self._token_text:
             self._token_text[job.composition] = TokenText(job.tokenizer)
         return self._token_text[job.composition]
+
+
+async def _off_loop(prepare, body):
+    """Run ``prepare(body)`` (tokenizer, chat template: CPU work that grows with the prompt) in a
+    worker thread, so that a long prompt never stalls the other streams nor /health."""
+    return await asyncio.get_running_loop().run_in_executor(_PREPARE, prepare, body)
+
+
+_PREPARE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="compose-serve-prepare")
 
 
 # -- events -> responses ------------------------------------------------------------------------
@@ -463,6 +499,7 @@ ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (ModelNotFoundError, "model_not_found"),
     (QueueFullError, "rate_limit_exceeded"),
     (AuthenticationError, "invalid_api_key"),
+    (PayloadTooLargeError, "request_too_large"),
 )
 UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
@@ -475,11 +512,14 @@ def error_response(exc: BaseException) -> tuple[int, ErrorResponse, dict[str, st
         exc = _validation_error(errors())
     if isinstance(exc, ComposeError):
         code = next((c for cls, c in ERROR_CODES if isinstance(exc, cls)), None)
-        if isinstance(exc, QueueFullError):
-            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        retry_after = getattr(exc, "retry_after", None)  # 429, and 503 while a replica restarts
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(retry_after)))
         info = ErrorInfo(message=exc.message, type=exc.error_type, param=exc.param, code=code)
         return exc.status_code, ErrorResponse(error=info), headers
     status = getattr(exc, "status_code", None)
+    if status == 413:  # the body limit, raised as an HTTPException while FastAPI reads the body
+        return error_response(PayloadTooLargeError(str(getattr(exc, "detail", exc))))
     if isinstance(status, int) and 400 <= status < 500:  # starlette: 404 no route, 405 ...
         kind = "not_found_error" if status == 404 else "invalid_request_error"
         info = ErrorInfo(message=str(getattr(exc, "detail", exc)), type=kind)

@@ -17,8 +17,18 @@ from collections.abc import Sequence
 import torch
 
 from .. import kernels
-from ..errors import InvalidRequestError
-from .base import Fused, Method
+from ..errors import ConfigError, InvalidRequestError
+from .base import MAX_COEFFICIENT, Fused, Method
+
+
+def check_alpha(alpha: object, param: str) -> float:
+    """A finite alpha within +-MAX_COEFFICIENT (inf or 1e999 would turn rows into NaN)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
+        raise InvalidRequestError(f"{param} must be a number, got {alpha!r}", param=param)
+    if not -MAX_COEFFICIENT <= alpha <= MAX_COEFFICIENT:
+        raise InvalidRequestError(f"{param} must be in [-{MAX_COEFFICIENT:g}, {MAX_COEFFICIENT:g}], got {alpha!r}",
+                                  param=param)
+    return float(alpha)
 
 
 class Delta(Method):
@@ -28,7 +38,10 @@ class Delta(Method):
                  plausibility: float | None = None) -> None:
         self.member_names = list(member_names)
         self.roles = roles
-        self.alpha = alpha
+        try:
+            self.alpha = check_alpha(alpha, "params.alpha")
+        except InvalidRequestError as exc:
+            raise ConfigError(exc.message, param=exc.param) from None
         self.space = space
         self.plausibility = plausibility
 
@@ -51,10 +64,7 @@ class Delta(Method):
         if unknown:
             raise InvalidRequestError(f"method 'delta' accepts composition.alpha only, got {sorted(unknown)}",
                                       param=f"composition.{sorted(unknown)[0]}")
-        alpha = override["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
-            raise InvalidRequestError(f"composition.alpha must be a number, got {alpha!r}", param="composition.alpha")
-        return self.coefficients(float(alpha))
+        return self.coefficients(check_alpha(override["alpha"], "composition.alpha"))
 
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
         scores = member_logits

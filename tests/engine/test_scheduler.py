@@ -21,6 +21,7 @@ from compose_serve.errors import (
     EngineDeadError,
     InvalidRequestError,
     QueueFullError,
+    RequestFailedError,
 )
 from compose_serve.sampling import SamplingParams
 
@@ -292,7 +293,7 @@ def test_a_failed_prefill_resets_the_slots(composition, tok, monkeypatch):
     monkeypatch.setattr(member, "prefill", failing_prefill)
 
     async def main():
-        with pytest.raises(StepFailedError):
+        with pytest.raises(RequestFailedError, match="prefill exploded"):  # it alone failed
             await _collect(engine.submit(_request(tok, 0, max_tokens=4)))
         return await _collect(engine.submit(_request(tok, 2, max_tokens=4)))
 
@@ -352,3 +353,27 @@ def test_close_ends_pending_requests(composition, tok):
             engine.submit(_request(tok, 4))
 
     asyncio.run(main())
+
+
+def test_ready_takes_the_queued_events_at_once_and_the_stream_ends_after_them(composition, tok):
+    """What the Ray replica sends as one item: every event already waiting, in order."""
+    request = _request(tok, 2, max_tokens=9)
+    want = _alone(composition, request).token_ids
+    engine = AsyncEngine.from_composition(composition, max_batch=2)
+
+    async def main():
+        stream = engine.submit(request)
+        first = await stream.__anext__()
+        while engine.stats().running:  # let the engine finish the request before reading on
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        rest = stream.ready()
+        after = [event async for event in stream]
+        return first, rest, after
+
+    try:
+        first, rest, after = asyncio.run(main())
+    finally:
+        engine.close()
+    assert [first.token_id] + [e.token_id for e in rest] == want
+    assert rest[-1].finish_reason == "length" and after == []

@@ -113,6 +113,18 @@ class LiveServer:
         self.sock.close()
 
 
+def serve_specs(tiny_specs: list[dict], held: tuple[str, ...] = (), **app_options):
+    """A live server for ``tiny_specs`` (composition dicts; those named in ``held`` on a
+    HeldEngine); returns it and its AsyncEngines by name. ``app_options`` go to ``build_app``."""
+    engines = {}
+    for spec in tiny_specs:
+        composition = build_composition(parse_composition(spec))
+        engine = HeldEngine(composition) if spec["name"] in held else Engine(composition)
+        engines[spec["name"]] = AsyncEngine(engine)
+    app = build_app(InProcessBackend(list(engines.values())), **app_options)
+    return LiveServer(app).start(), engines
+
+
 def start_server(tiny, api_key: str | None = None) -> tuple[LiveServer, dict[str, AsyncEngine]]:
     """Every composition of ``specs`` behind one server; returns it and its AsyncEngines."""
     engines = {}

@@ -7,10 +7,19 @@ import pytest
 from compose_serve.errors import ModelNotFoundError
 from compose_serve.http.backend import CompositionInfo
 from compose_serve.http.catalog import ModelCatalog
+from compose_serve.methods import Delta, LogitMix, Mixture
 
 
 def _info(name, method, *members):
-    return CompositionInfo(name, method, tuple(members), 128)
+    """The info a backend would give: which members can serve alone is the method's answer."""
+    k = len(members)
+    impl = {
+        "mixture": lambda: Mixture(members, [1 / k] * k, [1.0] * k),
+        "logit_mix": lambda: LogitMix(members, [1 / k] * k),
+        "delta": lambda: Delta(members, {"expert": 0, "antiexpert": 1}),
+    }[method]()
+    solo = {m: plan for m in members if (plan := impl.solo_plan(m)) is not None}
+    return CompositionInfo(name, method, tuple(members), 128, solo=solo)
 
 
 def test_members_listed_bare_unless_their_name_is_taken():

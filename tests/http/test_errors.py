@@ -82,7 +82,7 @@ BAD = [
     ("completions", {**COMPLETION, "prompt": []}, 400, "prompt", "empty"),
     ("completions", {**COMPLETION, "prompt": [1, "a"]}, 400, "prompt", "accepted type"),
     ("completions", {**COMPLETION, "prompt": [99999]}, 400, "prompt", "vocabulary"),
-    ("completions", {**COMPLETION, "prompt": "x " * 300}, 400, "max_tokens", "context length"),
+    ("completions", {**COMPLETION, "prompt": "x " * 300}, 400, "prompt", "context length"),  # alone too long
     ("completions", {**COMPLETION, "logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
     ("completions", {**COMPLETION, "stop": ["a"] * 20}, 400, "stop", "16"),
     ("completions", {**COMPLETION, "echo": True, "logprobs": 1}, 400, "echo", "not supported"),

@@ -100,3 +100,22 @@ def test_cuda_tensors_take_triton_by_default():
     temp, seeds = torch.zeros(32, device="cuda"), torch.arange(32, device="cuda")
     tokens, _ = kernels.sample_mix_probs(z, w, t, temp, seeds)
     assert torch.equal(tokens, reference.mix_probs(z, w, t).argmax(-1))
+
+
+def test_more_members_than_the_kernels_take_fall_back_to_torch(monkeypatch, caplog):
+    """K > MAX_MEMBERS on the Triton backend (CUDA, or forced) runs the reference instead of
+    failing every step; the fallback is logged once."""
+    monkeypatch.setenv("COMPOSE_SERVE_KERNELS", "triton")
+    for name in ("mix_probs", "mix_logits"):
+        monkeypatch.setattr(mix, name, _fail)
+    k = kernels.MAX_MEMBERS + 1
+    z = make_members(k, 2, 40, torch.float32, "cpu")
+    w, c = make_weights(2, k, "cpu"), make_coeffs(2, k, "cpu")
+    with caplog.at_level(logging.INFO, logger="compose_serve.kernels"):
+        assert torch.equal(kernels.mix_probs(z, w), reference.mix_probs(z, w))
+        assert torch.equal(kernels.mix_logits(list(z), c), reference.mix_logits(z, c))
+    assert kernels.backend_for(torch.device("cuda"), k) == "torch"
+    assert kernels.backend_for(torch.device("cuda"), kernels.MAX_MEMBERS) == "triton"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fusion kernels: torch ({k} members: the Triton kernels take at most {kernels.MAX_MEMBERS})"
+    ]
