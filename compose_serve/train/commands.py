@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks import TASKS
+from .tasks import GRADED_TASKS
 
 
 def add_train(subparsers) -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def add_train(subparsers) -> argparse.ArgumentParser:
 
     d = TrainSettings(task="add")
     p = subparsers.add_parser("train", help="LoRA fine-tune a member on a generated task")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", required=True, choices=GRADED_TASKS)
     p.add_argument("--out", required=True, help="folder for the adapter and train_run.json")
     p.add_argument("--model", default=d.model, help="base model: a folder or smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=d.steps)

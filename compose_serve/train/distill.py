@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -57,7 +58,7 @@ from .lora import (
     save_adapter,
     train_loop,
 )
-from .tasks import TASKS, Example, heldout, train_stream
+from .tasks import GRADED_TASKS, TASKS, Example, heldout, train_stream
 from .teacher import FusedTeacher, forward_kl, prompt_positions, scored_positions
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class SelfDistill:
 def explain(example: Example) -> str:
     """A worked rationale for a task item (the in-context demonstrations)."""
     if example.task == "add":
-        a, b = (int(x) for x in example.prompt.split("What is ")[1].split("?")[0].split(" + "))
+        a, b = (int(x) for x in re.findall(r"\d{3}", example.prompt)[:2])  # the two operands, in order
         return (f"Add the units, tens and hundreds with carries: {a} + {b}. "
                 f"{a} + {b - b % 100} = {a + b - b % 100}, then + {b % 100} gives {a + b}.")
     if example.task == "reverse":
@@ -178,7 +179,7 @@ def explain(example: Example) -> str:
 def demonstrations() -> list[Example]:
     """One train item of each task, for the in-context examples of the rationale prompt (an item
     is shown those of its own task, or all of them when it has no task here)."""
-    return [next(train_stream(name, seed=99)) for name in sorted(TASKS)]
+    return [next(train_stream(name, seed=99)) for name in GRADED_TASKS]
 
 
 def rationale_prompt(example: Example, shots: list[Example]) -> str:

@@ -26,7 +26,15 @@ import torch
 import yaml
 
 from ..methods.interweave import ImsmGate, prompt_means
-from .lora import IGNORE, TrainResult, TrainSettings, invocation, make_peft_model, train_loop
+from .lora import (
+    IGNORE,
+    TrainResult,
+    TrainSettings,
+    invocation,
+    make_peft_model,
+    save_adapter,
+    train_loop,
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ def save_imsm(
 ) -> Path:
     """Adapter, gate, a servable composition and the run's record; returns the composition path."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "adapter", safe_serialization=True)
+    save_adapter(model, settings.model, out / "adapter")
     params: dict = {"scalar": 0.5}
     if gate is not None:
         gate.save(out / "gate")
@@ -194,6 +202,7 @@ def run_train_imsm(args) -> int:
         alpha=args.alpha,
         lr=args.lr,
         gate_lr=args.gate_lr,
+        dropout=args.dropout,
         gate=gate,
         seed=args.seed,
     )
