@@ -52,12 +52,19 @@ def base_dir(base: str) -> Path:
     return Path(resolve_model(base)).expanduser()
 
 
+def adapter_digest(adapter: str | Path) -> str:
+    """SHA-256 of an adapter folder's config and weights: merges are cached by content, not path."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update((Path(adapter) / name).read_bytes())
+    return digest.hexdigest()
+
+
 def merged_adapter_dir(base: str, adapter: str | Path, cache: Path) -> Path:
     """``base`` with ``adapter`` merged into its weights, saved under ``cache`` (once per content)."""
     adapter = Path(adapter)
     digest = hashlib.sha256(str(base_dir(base).resolve()).encode())
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update((adapter / name).read_bytes())
+    digest.update(adapter_digest(adapter).encode())
     target = cache / f"{adapter.name}-{digest.hexdigest()[:16]}"
     if (target / "config.json").is_file():
         return target
@@ -225,6 +232,7 @@ def merge(
         "method": method,
         "base": base,
         "inputs": [str(i) for i in inputs],
+        "input_digests": [adapter_digest(i) if is_adapter(i) else None for i in inputs],
         "weights": weights,
         "density": density if method in ("ties", "dare_ties") else None,
         "combination": combination if method == "peft_weighted" else None,

@@ -3,7 +3,7 @@
     python benchmarks/distill/bench_distill.py [--steps 240] [--lr 1e-3] [--rank 64] [--n 200]
                                                [--n-kl 100] [--threads 1] [--retrain]
 
-Teacher: the built-in ``default`` composition (the ``add`` and ``reverse`` LoRA specialists of
+Teacher: the built-in ``mixture`` composition (the ``add`` and ``reverse`` LoRA specialists of
 SmolLM2-135M-Instruct mixed 0.5/0.5). Two students, SmolLM2-135M-Instruct with a fresh LoRA on
 every linear layer, the same data (the generated ``add`` and ``reverse`` train items, round-robin,
 gold answers), seed, steps and optimiser:
@@ -59,7 +59,7 @@ ROWS = ("composition", "specialist:add", "specialist:reverse", "merge:ties", "ba
 def row_spec(row: str, work: Path, merge_dir: Path) -> dict:
     """The composition (a dict) that serves ``row``."""
     if row == "composition":
-        return load_composition("default").model_dump(mode="json")
+        return load_composition("mixture").model_dump(mode="json")
     kind, _, which = row.partition(":")
     if kind == "specialist":
         members = [member(which, SMOLLM2_NAME, ADAPTERS[which])]
@@ -77,7 +77,7 @@ def train_student(which: str, args, teacher) -> dict:
     out = args.work / which
     report_file = out / "distill_report.json"
     settings = DistillSettings(
-        task=",".join(SKILLS), model=SMOLLM2_NAME, config="default", steps=args.steps,
+        task=",".join(SKILLS), model=SMOLLM2_NAME, config="mixture", steps=args.steps,
         batch_size=args.batch_size, rank=args.rank, alpha=2 * args.rank, lr=args.lr,
         lam=args.lam if which == "kd" else 0.0, seed=0,
     )
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = args.rows.split(",")
-    default = build_composition(load_composition("default"))  # the teacher, loaded once
+    default = build_composition(load_composition("mixture"))  # the teacher, loaded once
     training = {}
     for which in ("kd", "ce"):
         if f"student:{which}" in rows:

@@ -2,12 +2,13 @@
 
     python benchmarks/kernels/bench_kernels.py                  # this machine, all shapes
     python benchmarks/kernels/bench_kernels.py --quick          # fewer repeats (CPU: ~1-3 min)
-    python benchmarks/kernels/bench_kernels.py --peak-gbps 4800 # on an H200 (default: H100 SXM)
+    python benchmarks/kernels/bench_kernels.py --list           # the planned shapes, nothing timed
+    python benchmarks/kernels/bench_kernels.py --peak-gbps 4800 --ks 2 8 --bs 64 --vs 151936
 
-On a GPU machine (one command, needs a CUDA build of torch and triton; ``--cpu`` adds the CPU
-part):
+On a GPU machine (needs a CUDA build of torch and triton; ``--cpu`` adds the CPU part;
+``benchmarks/gpu/run.sh`` runs it with the rest of the GPU checks in one device call):
 
-    pip install -e '.[test]' && python benchmarks/kernels/bench_kernels.py --peak-gbps 3350
+    pip install -e '.[test]' && python benchmarks/kernels/bench_kernels.py --no-compile
 
 What runs where:
 
@@ -23,11 +24,17 @@ What runs where:
   fused sampling (``sample_mix_probs``/``sample_mix_logits``) against the log-prob path + torch
   sampling (Triton ``mix_*``, then a vectorised Gumbel-max in torch), as a speed-up ratio.
   Targets reported: >= 80 % of peak at B >= 32, V = 151936 (K = 2..4) and fused sampling >= 2x.
-  Each Triton result is checked against the reference before it is timed.
+  Each Triton result is checked against the reference before it is timed; a shape that fails
+  (check or launch) is recorded as an ``error`` row and the others still run.
+  ``--peak-gbps`` defaults to the datasheet bandwidth of the device named by CUDA (``PEAK_GBPS``:
+  H200 4800, H100 SXM 3350, ...), else 3350; the conditions say which was used and why.
+  ``--no-compile`` leaves out the ``torch.compile`` rows (their compilations can take minutes).
 
-Shapes: K in 2..4, B in {1, 8, 32}, V in {32000, 49152, 151936}. Results go to
-``benchmarks/results/kernels_<device>.json`` and ``.csv`` with the conditions (machine, versions,
-dtype, sizes, date, commit).
+Shapes (``--ks/--bs/--vs`` replace them for both parts): CPU K in {2, 3, 4}, B in {1, 8, 32},
+V in {32000, 49152, 151936}; GPU K in {2, 4, 8}, B in {1, 8, 64}, V in {49152, 151936}.
+Results go to ``benchmarks/results/kernels_<cpu|cuda>.json`` and ``.csv`` (``--out``) with the
+conditions (machine, versions, dtype, sizes, date, commit); on the GPU the JSON is rewritten after
+every shape (``"complete": false`` until the last), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -51,7 +58,16 @@ from compose_serve.kernels import reference
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
-KS, BS, VS = (2, 3, 4), (1, 8, 32), (32000, 49152, 151936)
+SHAPES = {  # part -> the K, B, V it runs by default
+    "cpu": {"K": (2, 3, 4), "B": (1, 8, 32), "V": (32000, 49152, 151936)},
+    "gpu": {"K": (2, 4, 8), "B": (1, 8, 64), "V": (49152, 151936)},
+}
+# Datasheet memory bandwidth (GB/s) by a fragment of the CUDA device name; first match wins.
+PEAK_GBPS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0),
+             ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0),
+             ("L40S", 864.0), ("L4", 300.0), ("A10G", 600.0))
+FALLBACK_PEAK_GBPS = 3350.0  # H100 SXM, the script's old default
+DO_BENCH = {"warmup": 25, "rep": 100}  # ms, triton.testing.do_bench's defaults; --quick: 10 / 40
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,16 +97,20 @@ def conditions(args: argparse.Namespace, dtype: str) -> dict:
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "gpu_note": None if cuda else "no CUDA device in this session: GPU part not run",
         "peak_gbps": args.peak_gbps if cuda else None,
+        "peak_gbps_source": args.peak_source if cuda else None,
+        "torch_compile_rows": not args.no_compile,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
         "dtype": dtype,
-        "shapes": {"K": list(KS), "B": list(BS), "V": list(VS)},
+        "shapes": {part: {dim: list(values) for dim, values in dims.items()}
+                   for part, dims in args.shapes.items()},
         "repeats": args.repeats,
         "warmup": args.warmup,
         "min_seconds_per_function": args.min_seconds,
         "timing": "CPU: perf_counter, reference and naive alternated, warm-up rounds skipped; "
                   "GPU: triton.testing.do_bench median and 20/80% quantiles",
+        "do_bench_ms": dict(DO_BENCH) if cuda else None,
     }
 
 
@@ -134,9 +154,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], args: argparse.Namesp
             return {name: summarise(t) for name, t in times.items()}
 
 
+def shape_grid(dims: dict) -> list[tuple[int, int, int]]:
+    """Every (K, B, V) of one part, K slowest."""
+    return list(itertools.product(dims["K"], dims["B"], dims["V"]))
+
+
 def bench_cpu(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for K, B, V in itertools.product(KS, BS, VS):
+    for K, B, V in shape_grid(args.shapes["cpu"]):
         x = make_inputs(K, B, V, torch.float32, "cpu")
         z, w, t = x["z"], x["weights"], x["temperatures"]
         timed = time_interleaved({"reference": lambda: reference.mix_probs(z, w, t),  # noqa: B023
@@ -163,7 +188,7 @@ def torch_sample(logprobs: torch.Tensor, temperature: torch.Tensor,
 def _timed(fn: Callable[[], object]) -> dict:
     import triton.testing
 
-    median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], **DO_BENCH)
     return {"ms_median": median, "ms_p20": p20, "ms_p80": p80}
 
 
@@ -183,6 +208,8 @@ def _gpu_fusion_rows(x: dict, shape: dict, peak_gbps: float, compiled: dict) -> 
         ("mix_logits", "reference"): lambda: reference.mix_logits(z, c),
         ("mix_logits", "torch.compile"): lambda: compiled["mix_logits"](z, c),
     }
+    if not compiled:  # --no-compile
+        candidates = {key: fn for key, fn in candidates.items() if key[1] != "torch.compile"}
     rows = []
     for (op, impl), fn in candidates.items():
         t_ms = _timed(fn)
@@ -228,23 +255,33 @@ def _label(shape: dict) -> str:
     return f"K={shape['K']} B={shape['B']:>2} V={shape['V']:>6}"
 
 
-def bench_gpu(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
-    compiled = {"mix_probs": torch.compile(reference.mix_probs),
-                "mix_logits": torch.compile(reference.mix_logits)}
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
-    for K, B, V in itertools.product(KS, BS, VS):
-        x = make_inputs(K, B, V, dtype, "cuda")
+def bench_gpu(args: argparse.Namespace, dtype: torch.dtype,
+              on_shape: Callable[[list[dict]], None] = lambda rows: None, device: str = "cuda") -> list[dict]:
+    """Every GPU shape in turn; ``on_shape(rows so far)`` after each (the partial save). A shape
+    whose check or launch fails becomes one ``error`` row and the next shape still runs.
+    (``device="cpu"`` runs the same code in the Triton interpreter: the tests' smoke run.)"""
+    compiled = {} if args.no_compile else {"mix_probs": torch.compile(reference.mix_probs),
+                                           "mix_logits": torch.compile(reference.mix_logits)}
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows: list[dict] = []
+    for K, B, V in shape_grid(args.shapes["gpu"]):
         shape = {"K": K, "B": B, "V": V, "dtype": str(dtype).removeprefix("torch.")}
-        rows += _gpu_fusion_rows(x, shape, args.peak_gbps, compiled)
-        rows += _gpu_sampling_rows(x, shape, generator)
+        try:
+            x = make_inputs(K, B, V, dtype, device)
+            rows += _gpu_fusion_rows(x, shape, args.peak_gbps, compiled)
+            rows += _gpu_sampling_rows(x, shape, generator)
+        except Exception as exc:  # one bad shape must not cost the others
+            rows.append({"part": "gpu", "op": "error", **shape, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            print(f"gpu {_label(shape)}: FAILED {type(exc).__name__}: {exc}", flush=True)
+        on_shape(rows)
     return rows
 
 
 # --- output ---------------------------------------------------------------------------------
-def write(results: dict, rows: list[dict], device: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = RESULTS / f"kernels_{device}.json", RESULTS / f"kernels_{device}.csv"
+def write(results: dict, rows: list[dict], json_path: Path) -> tuple[Path, Path]:
+    """The JSON at ``json_path`` and the rows as CSV beside it (same stem)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path = json_path.with_suffix(".csv")
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     fields = list(dict.fromkeys(k for row in rows for k in row))  # first-seen order
     cond = results["conditions"]
@@ -259,37 +296,98 @@ def write(results: dict, rows: list[dict], device: str) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
-def main(argv: list[str] | None = None) -> int:
+def peak_for(device_name: str) -> float | None:
+    """Datasheet memory bandwidth (GB/s) of a CUDA device name, None when unknown."""
+    return next((gbps for fragment, gbps in PEAK_GBPS if fragment.lower() in device_name.lower()), None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats (CPU: >= 3 rounds and 0.1 s per function, not 7 and 0.5 s)")
+                        help="fewer repeats (CPU: >= 3 rounds and 0.1 s per function, not 7 and 0.5 s; "
+                             "GPU: do_bench warm-up 10 ms and 40 ms of repeats, not 25 and 100)")
     parser.add_argument("--cpu", action="store_true", help="run the CPU part even with a GPU")
-    parser.add_argument("--peak-gbps", type=float, default=3350.0,
-                        help="the GPU's peak memory bandwidth (H100 SXM: 3350, H200: 4800)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="the GPU's peak memory bandwidth (default: from the device name, "
+                             f"else {FALLBACK_PEAK_GBPS:g}; H100 SXM: 3350, H200: 4800)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="member logits dtype on the GPU (the CPU part uses float32)")
+    parser.add_argument("--ks", type=int, nargs="+", help="members K (replaces both parts' defaults)")
+    parser.add_argument("--bs", type=int, nargs="+", help="batch sizes B (replaces both parts' defaults)")
+    parser.add_argument("--vs", type=int, nargs="+", help="vocabulary sizes V (replaces both parts' defaults)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (GPU)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path, the CSV goes beside it (default: benchmarks/results/kernels_<cpu|cuda>.json)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the planned parts, shapes and peak as JSON and exit (nothing timed)")
     args = parser.parse_args(argv)
+    bad = [k for k in args.ks or () if not 1 <= k <= 8]
+    if bad:
+        parser.error(f"--ks: the Triton kernels take 1 to 8 members, got {bad}")
+    for flag, values in (("--bs", args.bs), ("--vs", args.vs)):
+        if any(v < 1 for v in values or ()):
+            parser.error(f"{flag}: sizes must be >= 1, got {values}")
     args.repeats, args.warmup, args.min_seconds = (3, 1, 0.1) if args.quick else (7, 2, 0.5)
+    given = {"K": args.ks, "B": args.bs, "V": args.vs}
+    args.shapes = {part: {dim: tuple(given[dim] or default) for dim, default in dims.items()}
+                   for part, dims in SHAPES.items()}
+    return args
+
+
+def resolve_peak(args: argparse.Namespace, device_name: str | None) -> None:
+    """Set ``args.peak_gbps`` and ``args.peak_source``: the flag, else the device's datasheet value."""
+    if args.peak_gbps is not None:
+        args.peak_source = "--peak-gbps"
+        return
+    known = peak_for(device_name) if device_name else None
+    args.peak_gbps = known or FALLBACK_PEAK_GBPS
+    why = f"device {device_name!r} not in PEAK_GBPS" if device_name else "no CUDA device here"
+    args.peak_source = (f"datasheet value for {device_name!r}" if known else
+                        f"fallback ({FALLBACK_PEAK_GBPS:g}, H100 SXM): {why}")
+
+
+def plan(args: argparse.Namespace, cuda: bool) -> dict:
+    """What a run would do here: which parts run, their shapes, the peak used for % of peak."""
+    parts = {"cpu": not cuda or args.cpu, "gpu": cuda}
+    return {"cuda": cuda, "peak_gbps": args.peak_gbps, "peak_gbps_source": args.peak_source,
+            "torch_compile_rows": not args.no_compile, "dtype_gpu": args.dtype,
+            "parts": {part: {"runs": runs, **{dim: list(v) for dim, v in args.shapes[part].items()},
+                             "shapes": len(shape_grid(args.shapes[part]))}
+                      for part, runs in parts.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        DO_BENCH.update(warmup=10, rep=40)
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name().lower().replace(" ", "-") if cuda else "cpu"
-    results = {"conditions": conditions(args, args.dtype if cuda else "float32")}
+    resolve_peak(args, torch.cuda.get_device_name() if cuda else None)
+    if args.list:
+        print(json.dumps(plan(args, cuda), indent=2))
+        return 0
+    json_path = args.out or RESULTS / f"kernels_{'cuda' if cuda else 'cpu'}.json"
+    results = {"conditions": conditions(args, args.dtype if cuda else "float32"), "complete": False}
     rows: list[dict] = []
     if not cuda or args.cpu:
         rows += bench_cpu(args)
         results["cpu"] = [r for r in rows if r["part"] == "cpu"]
     if cuda:
-        gpu_rows = bench_gpu(args, DTYPES[args.dtype])
+        def save_partial(gpu_rows: list[dict]) -> None:
+            write({**results, "gpu": gpu_rows}, rows + gpu_rows, json_path)
+
+        gpu_rows = bench_gpu(args, DTYPES[args.dtype], save_partial)
         rows += gpu_rows
         results["gpu"] = gpu_rows
     else:
         results["gpu"] = {"run": False, "reason": "no CUDA device in this session; rerun this "
                           "script on a GPU machine (see the docstring) for Triton GB/s"}
-    json_path, csv_path = write(results, rows, device)
-    print(f"wrote {json_path.relative_to(ROOT)} and {csv_path.relative_to(ROOT)}")
+    results["complete"] = True
+    json_path, csv_path = write(results, rows, json_path)
+    print(f"wrote {json_path} and {csv_path}")
     return 0
 
 

@@ -1,22 +1,27 @@
 """Quality: does a composition keep each specialist's skill where a weight merge loses it?
 
-    python benchmarks/quality/bench_quality.py [--n 200] [--n-compositions N] [--passages 64]
+    python benchmarks/quality/bench_quality.py [--n 200] [--passages 64] [--general-tokens 48]
                                                [--rows base,merge:linear,...] [--threads T]
 
 Rows (SmolLM2-135M-Instruct and the two LoRA specialists in ``adapters/``, each row greedy):
 - ``base``; ``specialist:add``, ``specialist:reverse`` (one adapter each, merged at load);
 - ``merge:*``: the weight-merged baselines of ``compose_serve.merge`` over the two specialists:
-  linear 0.5/0.5, task_arithmetic 1/1, ties and dare_ties 1/1 at density 0.5, peft_weighted
-  (PEFT's default ``svd`` combination) 1/1, and the MoD weight rule 0.9/0.1 (add = model 0);
-- ``composition:*``: the two specialists served together: mixture 0.5/0.5, mixture with per-step
-  entropy weights, mixture with PackLLM prompt-perplexity weights, logit_mix 0.5/0.5;
-- ``composition:imsm``: left empty, filled by the IMSM issue.
-Columns: exact match on each skill's held-out set (``n`` items, the first ``n`` of the fixed
-held-out list, with a Wilson 95% interval), the mean NLL per token on the general text (Python's
-``pydoc_data`` topics, never trained on), for compositions the NLL of the fused distribution
-(teacher forcing through every member, fused by the method's own ``fuse``), and for compositions
-the members' mean effective weights on each skill. Merged models are written once under
-``--merge-dir`` and reused. Results: ``benchmarks/results/quality.{json,csv,png}``.
+  linear 0.5/0.5, ties and dare_ties 1/1 at density 0.5 (by default; ``--rows`` also takes
+  task_arithmetic 1/1, peft_weighted (PEFT's ``svd``) 1/1 and the MoD weight rule 0.9/0.1);
+- ``composition:*``: the two specialists served together: mixture 0.5/0.5 and mixture with
+  per-step entropy weights (``--rows`` also takes PackLLM prompt-perplexity weights and logit_mix);
+- ``composition:routed``: the built-in ``default``: ``general`` (the base), ``add`` and ``reverse``
+  on one shared base, a fitted router picking one member per request (top_k 1);
+- ``composition:imsm``: the built-in ``imsm`` (the trained IMSM pair for reverse), on request.
+Every skill is scored on HELD-OUT PHRASINGS only (templates neither the specialists nor the
+router saw). Columns: exact match on each skill's held-out set (``n`` items, with a Wilson 95%
+interval); the share of held-out general prompts (``tasks.heldout("general")``) whose greedy reply
+(``--general-tokens`` tokens at most) equals the base model's; the mean NLL per token on general
+text (Python's ``pydoc_data`` topics, never trained on; for compositions the fused distribution
+under teacher forcing); for compositions the members' mean effective weights on each skill; for the
+routed row the routing accuracy over the three held-out sets and its confusion matrix. Merged
+models are written once under ``--merge-dir`` and reused.
+Results: ``benchmarks/results/quality.{json,csv,png}``.
 """
 
 from __future__ import annotations
@@ -58,16 +63,10 @@ COMPOSITIONS = {  # name -> (method, member weights or None, params)
     "mixture_prompt_perplexity": ("mixture", None, {"weights": "prompt_perplexity"}),
     "logit_mix": ("logit_mix", [0.5, 0.5], {"weights": "fixed"}),
 }
-
-
-def row_names() -> list[str]:
-    return (
-        ["base"]
-        + [f"specialist:{s}" for s in SKILLS]
-        + [f"merge:{m}" for m in MERGES]
-        + [f"composition:{c}" for c in COMPOSITIONS]
-        + ["composition:imsm"]
-    )
+BUILTIN = {"routed": "default", "imsm": "imsm"}  # rows served by a built-in composition
+DEFAULT_ROWS = ["base", "specialist:add", "specialist:reverse", "merge:linear", "merge:ties", "merge:dare_ties",
+                "composition:mixture_fixed", "composition:mixture_entropy", "composition:routed"]
+MEMBERS = ("general", *SKILLS)  # the routed composition's members, in order
 
 
 def member(name: str, model: str, adapter: Path | None = None, weight: float | None = None) -> dict:
@@ -82,6 +81,10 @@ def member(name: str, model: str, adapter: Path | None = None, weight: float | N
 def row_spec(row: str, merge_dir: Path) -> dict:
     """The composition (as a dict) that serves ``row``."""
     kind, _, which = row.partition(":")
+    if which in BUILTIN:
+        from compose_serve.config import load_composition
+
+        return load_composition(BUILTIN[which]).model_dump(mode="json")
     if kind == "base":
         members = [member("base", SMOLLM2_NAME)]
     elif kind == "specialist":
@@ -104,9 +107,11 @@ def merged_model(name: str, merge_dir: Path) -> Path:
     out = merge_dir / name
     record = out / "compose_serve_merge.json"
     inputs = [str(ADAPTERS[s]) for s in SKILLS]
-    if record.is_file():
+    digests = [merging.adapter_digest(i) for i in inputs]
+    if record.is_file():  # the same merge of the same adapter CONTENT (retrained adapters keep their paths)
         done = json.loads(record.read_text())
-        if done["method"] == method and done["weights"] == weights and done["inputs"] == inputs:
+        if (done["method"], done["weights"], done["inputs"], done.get("input_digests")) == (
+                method, weights, inputs, digests) and done.get("density") == extra.get("density", done.get("density")):
             return out
     started = time.perf_counter()
     merging.merge(
@@ -133,8 +138,26 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def measure(row: str, spec: dict, n: int, texts: list[str], max_batch: int) -> dict:
-    """Accuracy on each skill, general-text NLL and timings of one row."""
+def general_replies(composition, prompts: list[tasks.Example], max_tokens: int, max_batch: int) -> list[str]:
+    return [c.text for c in evaluate.complete(composition, prompts, max_tokens=max_tokens, max_batch=max_batch)]
+
+
+def routing(completions: dict[str, list]) -> dict:
+    """Routing accuracy and confusion matrix (rows: true member, columns: chosen) from the first
+    token's router diagnostics of each held-out set's completions."""
+    confusion = [[0] * len(MEMBERS) for _ in MEMBERS]
+    for true, items in completions.items():
+        for c in items:
+            probs = c.diagnostics[0]["router"]
+            confusion[MEMBERS.index(true)][MEMBERS.index(max(probs, key=probs.get))] += 1
+    total = sum(map(sum, confusion))
+    return {"members": list(MEMBERS), "confusion": confusion,
+            "accuracy": sum(confusion[i][i] for i in range(len(MEMBERS))) / max(total, 1), "n": total}
+
+
+def measure(row: str, spec: dict, n: int, texts: list[str], max_batch: int, general: list, base_replies,
+            general_tokens: int) -> dict:
+    """Accuracy on each skill, general replies against the base's, general-text NLL of one row."""
     started = time.perf_counter()
     composition = build_composition(parse_composition(spec))
     result = {
@@ -144,9 +167,12 @@ def measure(row: str, spec: dict, n: int, texts: list[str], max_batch: int) -> d
         "weights": [m.get("weight") for m in spec["members"]],
         "params": spec.get("params", {}),
     }
+    routed = composition.method.router is not None
+    by_set = {}
     for skill in SKILLS:
         examples = tasks.heldout(skill, n)
         acc, completions = evaluate.task_accuracy(composition, examples, max_batch=max_batch)
+        by_set[skill] = completions
         correct = round(acc * n)
         result[skill] = {
             "accuracy": acc,
@@ -159,6 +185,20 @@ def measure(row: str, spec: dict, n: int, texts: list[str], max_batch: int) -> d
         if len(spec["members"]) > 1:
             result[skill]["mean_weights"] = evaluate.mean_member_weights(completions)
         print(f"  {row} {skill}: {acc:.3f} (n={n})", file=sys.stderr)
+    completions = evaluate.complete(composition, general, max_tokens=general_tokens, max_batch=max_batch)
+    replies = [c.text for c in completions]
+    by_set["general"] = completions
+    if base_replies is not None:
+        same = sum(a == b for a, b in zip(replies, base_replies, strict=True))
+        result["general_same_as_base"] = {"share": same / len(general), "same": same, "n": len(general),
+                                          "max_tokens": general_tokens,
+                                          "examples": [[e.prompt, r] for e, r in zip(general[:5], replies, strict=False)]}
+        print(f"  {row} general replies equal to the base's: {same}/{len(general)}", file=sys.stderr)
+    if routed:
+        result["routing"] = routing(by_set)
+        print(f"  {row} routing accuracy {result['routing']['accuracy']:.3f}: {result['routing']['confusion']}",
+              file=sys.stderr)
+    result["_general_replies"] = replies
     batches = general_text.token_batches(composition.tokenizer, texts, batch_size=4)
     nll = general_text.mean_nll(evaluate.composition_scorer(composition), batches)
     result["general_nll"] = {
@@ -173,6 +213,29 @@ def measure(row: str, spec: dict, n: int, texts: list[str], max_batch: int) -> d
     return result
 
 
+def check_targets(results: list[dict]) -> list[str]:
+    """Issue 12's targets for the routed row, each as a line saying met or MISSED, with numbers."""
+    by = {r["row"]: r for r in results}
+    routed = by.get("composition:routed")
+    if routed is None:
+        return []
+    lines = []
+    acc = routed["routing"]["accuracy"]
+    lines.append(f"routing accuracy {acc:.3f} (target >= 0.95): {'met' if acc >= 0.95 else 'MISSED'}")
+    for skill in SKILLS:
+        spec = by.get(f"specialist:{skill}")
+        if spec is None:
+            continue
+        gap = spec[skill]["accuracy"] - routed[skill]["accuracy"]
+        lines.append(f"{skill}: routed {routed[skill]['accuracy']:.3f} vs specialist {spec[skill]['accuracy']:.3f}, "
+                     f"gap {100 * gap:.1f} points (target <= 2): {'met' if gap <= 0.02 else 'MISSED'}")
+    share = (routed.get("general_same_as_base") or {}).get("share")
+    if share is not None:
+        lines.append(f"general replies equal to the base's: {share:.3f} (target >= 0.95): "
+                     f"{'met' if share >= 0.95 else 'MISSED'}")
+    return lines
+
+
 def csv_rows(results: list[dict]) -> list[dict]:
     out = []
     for r in results:
@@ -182,6 +245,8 @@ def csv_rows(results: list[dict]) -> list[dict]:
             flat[f"{skill}_accuracy"] = s.get("accuracy")
             flat[f"{skill}_n"] = s.get("n")
             flat[f"{skill}_ci95_low"], flat[f"{skill}_ci95_high"] = s.get("ci95", (None, None))
+        flat["general_same_as_base"] = (r.get("general_same_as_base") or {}).get("share")
+        flat["routing_accuracy"] = (r.get("routing") or {}).get("accuracy")
         flat["general_nll"] = (r.get("general_nll") or {}).get("mean")
         flat["seconds"] = r.get("seconds")
         out.append(flat)
@@ -232,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--n", type=int, default=tasks.HELDOUT_SIZE, help="held-out items per skill"
     )
-    parser.add_argument(
-        "--n-compositions", type=int, default=None, help="held-out items per skill, compositions"
-    )
+    parser.add_argument("--general-tokens", type=int, default=48, help="max tokens of a general reply")
     parser.add_argument("--passages", type=int, default=general_text.PASSAGES)
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows")
     parser.add_argument("--max-batch", type=int, default=32)
@@ -248,28 +311,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = args.rows.split(",") if args.rows else row_names()
+    rows = args.rows.split(",") if args.rows else DEFAULT_ROWS
+    if "base" in rows:
+        rows = ["base", *[r for r in rows if r != "base"]]  # the general replies are compared to it
     texts = general_text.passages(args.passages)
-    results = []
+    general = tasks.heldout("general", 10_000)
+    results, base_replies = [], None
     for row in rows:
         print(f"{row}", file=sys.stderr)
-        if row == "composition:imsm":
-            results.append(
-                {"row": row, "method": "interweave", "status": "filled by the IMSM issue"}
-            )
-            continue
-        n = (
-            args.n_compositions
-            if row.startswith("composition:") and args.n_compositions
-            else args.n
-        )
-        results.append(measure(row, row_spec(row, args.merge_dir), n, texts, args.max_batch))
+        result = measure(row, row_spec(row, args.merge_dir), args.n, texts, args.max_batch, general,
+                         base_replies, args.general_tokens)
+        replies = result.pop("_general_replies")
+        if row == "base":
+            base_replies = replies
+            result["general_same_as_base"] = {"share": 1.0, "same": len(general), "n": len(general),
+                                              "max_tokens": args.general_tokens}
+        results.append(result)
+    targets = check_targets(results)
+    for line in targets:
+        print(line, file=sys.stderr)
     settings = {
         "command": " ".join(
             ["python", "benchmarks/quality/bench_quality.py", *(argv or sys.argv[1:])]
         ),
         "n": args.n,
-        "n_compositions": args.n_compositions or args.n,
+        "general_prompts": len(general),
+        "general_tokens": args.general_tokens,
         "passages": args.passages,
         "max_tokens": {s: tasks.get_task(s).max_answer_tokens for s in SKILLS},
         "general_text": "pydoc_data.topics (this Python), first passages of ~600 chars, <=128 tokens",
@@ -279,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(
         json.dumps(
-            {"conditions": conditions(benchmark="quality", **settings), "rows": results}, indent=2
+            {"conditions": conditions(benchmark="quality", **settings), "rows": results, "targets": targets},
+            indent=2
         )
         + "\n"
     )

@@ -143,16 +143,19 @@ async def closed_loop(
     requests: int,
     tokens: int,
     request: RequestFn = one_request,
+    questions: list[str] | None = None,
 ) -> dict:
     """``concurrency`` closed-loop workers sharing ``client`` until ``requests`` are done, each
-    request ``request(client, model, question, tokens)``: the round's wall time and records."""
+    request ``request(client, model, question, tokens)`` with the questions in turn (``QUESTIONS``
+    unless given): the round's wall time and records."""
     todo = list(range(requests))
     records: list[dict] = []
+    questions = questions or QUESTIONS
 
     async def worker() -> None:
         while todo:
             i = todo.pop()
-            question = QUESTIONS[i % len(QUESTIONS)]
+            question = questions[i % len(questions)]
             records.append(await request(client, model, question, tokens))
 
     started = time.perf_counter()

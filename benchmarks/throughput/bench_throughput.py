@@ -1,11 +1,11 @@
 """Throughput against a merged model: output tokens/s, TTFT and inter-token latency over HTTP.
 
     python benchmarks/throughput/bench_throughput.py [--tokens 32] [--levels 1 8 32] [--repeats 3]
-                                                     [--models merged base mixture siamese]
+                                                     [--models merged base mixture routed]
 
-Four compositions of SmolLM2-135M-Instruct, each behind its own ``compose-serve serve
+Compositions of SmolLM2-135M-Instruct, each behind its own ``compose-serve serve
 --in-process`` subprocess (uvicorn, no Ray; one server per model, so no model competes with
-another inside a server; all four stay up, an idle one sleeps) on a free port, with
+another inside a server; all stay up, an idle one sleeps) on a free port, with
 ``--max-batch`` = the highest level and ``--torch-threads`` (default 1):
 
 - ``merged``: the TIES merge (weights 1/1, density 0.5) of the two specialist adapters
@@ -13,10 +13,16 @@ another inside a server; all four stay up, an idle one sleeps) on a free port, w
   served as a one-member composition (a plain model folder; built with ``compose_serve.merge``
   into ``~/.cache/compose-serve/bench-merges/ties`` unless an identical merge is there);
 - ``base``: the built-in ``smollm2`` (SmolLM2-135M-Instruct alone);
-- ``mixture``: the built-in ``default``, served as ``specialists`` (the add and reverse LoRA
-  specialists, unmerged, mixed 0.5/0.5: K=2);
-- ``siamese``: an IMSM siamese pair (SmolLM2 and its twin with ``adapters/reverse`` in one
-  forward, scalar gate 0.5, as in ``deployments/imsm.yaml``).
+- ``mixture``: the built-in ``mixture``, served as ``specialists`` (the add and reverse LoRA
+  specialists, unmerged on one shared base, mixed 0.5/0.5: K=2 dense);
+- ``routed``: the built-in ``default``, served as ``routed`` (general, add and reverse on one
+  shared base, a fitted router picks one member per request);
+- ``siamese`` (on request): the built-in ``imsm``, the trained IMSM pair for reverse.
+
+Every model gets the same questions in turn: held-out prompts of the three skills the routed
+composition serves (``general``, ``add``, ``reverse``: phrasings no model was trained or routed
+on), so a batch mixes skills as real traffic would. After the rounds, each server's peak resident
+memory (``VmHWM`` of its process) is read, and its ratio to the base model's server recorded.
 
 The client is the one users use: the official ``openai.AsyncOpenAI``, streamed chat completions,
 greedy, ``extra_body={"ignore_eos": True}`` so that each request makes exactly ``--tokens``
@@ -60,50 +66,45 @@ from bench_load import (  # noqa: E402
 )
 from conditions import conditions, summary  # noqa: E402
 
-from compose_serve.members.smollm2 import SMOLLM2_NAME, cache_root  # noqa: E402
+from compose_serve.members.smollm2 import cache_root  # noqa: E402
 
-ADAPTERS = [ROOT / "adapters" / "add", ROOT / "adapters" / "reverse"]
-TIES = {"method": "ties", "weights": [1.0, 1.0], "density": 0.5}  # as in bench_quality's MERGES
-MODELS = ("merged", "base", "mixture", "siamese")
+QUESTIONS: list[str] = []  # filled in main(): held-out prompts of every skill
+MODELS = ("merged", "base", "mixture", "routed", "siamese")
+DEFAULT_MODELS = ["merged", "base", "mixture", "routed"]
 DESCRIPTIONS = {
     "merged": "TIES merge (1/1, density 0.5) of adapters/add and adapters/reverse into SmolLM2, "
     "one member",
     "base": "built-in smollm2: SmolLM2-135M-Instruct alone, one member",
-    "mixture": "built-in default (specialists): add + reverse LoRA specialists (unmerged), "
+    "mixture": "built-in mixture (specialists): add + reverse LoRA specialists (unmerged, one shared base), "
     "mixture 0.5/0.5, K=2",
-    "siamese": "IMSM siamese pair: SmolLM2 + its adapters/reverse twin in one forward, "
-    "interweave, scalar gate 0.5",
+    "routed": "built-in default (routed): general + add + reverse on one shared base, router top_k 1",
+    "siamese": "built-in imsm: trained IMSM pair (SmolLM2 + adapters/imsm-reverse twin in one forward, gate)",
 }
 
 
-def ties_merge(merge_dir: Path) -> Path:
-    """The TIES merge folder of the quality benchmark, merged now unless an identical one is there."""
-    out = merge_dir / "ties"
-    inputs = [str(a) for a in ADAPTERS]
-    record = out / "compose_serve_merge.json"
-    if record.is_file():
-        done = json.loads(record.read_text())
-        if (
-            done.get("method") == TIES["method"]
-            and done.get("weights") == TIES["weights"]
-            and done.get("density") == TIES["density"]
-            and done.get("inputs") == inputs
-        ):
-            return out
-    from compose_serve import merge as merging
+def questions(per_skill: int = 8) -> list[str]:
+    """Held-out prompts of general, add and reverse, interleaved."""
+    from compose_serve.train import tasks
 
-    started = time.perf_counter()
-    merging.merge(
-        TIES["method"],
-        SMOLLM2_NAME,
-        inputs,
-        TIES["weights"],
-        out,
-        density=TIES["density"],
-        cache=merge_dir / "adapters-merged",
-    )
-    print(f"merged ties in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return out
+    sets = [[e.prompt for e in tasks.heldout(t, per_skill)] for t in ("general", "add", "reverse")]
+    return [q for group in zip(*sets, strict=True) for q in group]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set size of a live process (``VmHWM``), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def ties_merge(merge_dir: Path) -> Path:
+    """The TIES merge folder of the quality benchmark (merged now unless the same merge of the same
+    adapters is there)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "quality"))
+    from bench_quality import merged_model
+
+    return merged_model("ties", merge_dir)
 
 
 def model_configs(merge_dir: Path, folder: Path, max_batch: int) -> dict[str, tuple[str, str]]:
@@ -117,15 +118,9 @@ def model_configs(merge_dir: Path, folder: Path, max_batch: int) -> dict[str, tu
             "members": [{"name": "merged", "model": str(ties_merge(merge_dir))}],
             "engine": engine,
         },
-        "siamese": {
-            "name": "siamese",
-            "method": "interweave",
-            "members": [{"name": "reverse", "model": SMOLLM2_NAME, "adapter": str(ADAPTERS[1])}],
-            "params": {"scalar": 0.5},
-            "engine": engine,
-        },
     }
-    configs = {"base": ("smollm2", "smollm2"), "mixture": ("default", "specialists")}
+    configs = {"base": ("smollm2", "smollm2"), "mixture": ("mixture", "specialists"),
+               "routed": ("default", "routed"), "siamese": ("imsm", "imsm-reverse")}
     for model, spec in specs.items():
         path = folder / f"{model}.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -156,7 +151,7 @@ async def openai_round(url: str, model: str, concurrency: int, requests: int, to
     async with openai.AsyncOpenAI(
         base_url=url, api_key="unused", max_retries=0, timeout=600
     ) as client:
-        return await closed_loop(client, model, concurrency, requests, tokens, openai_request)
+        return await closed_loop(client, model, concurrency, requests, tokens, openai_request, QUESTIONS)
 
 
 def ratios(rows: dict[str, dict[int, dict]], reference: str = "merged") -> dict:
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3, help="rounds per model and level")
     parser.add_argument("--min-requests", type=int, default=2, help="per round, at least")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=DEFAULT_MODELS)
     parser.add_argument("--torch-threads", type=int, default=1, help="each server's")
     parser.add_argument("--merge-dir", type=Path, default=cache_root() / "bench-merges")
     parser.add_argument(
@@ -295,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the ratios need the merged model: keep it in --models")
     levels = sorted(args.levels)
     max_batch = max(levels)
+    QUESTIONS[:] = questions()
 
     started = time.perf_counter()
     load_before = os.getloadavg()
@@ -345,9 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+        memory = {m: peak_rss_mb(servers[m][0].pid) for m in args.models}
     finally:
         for proc, _ in servers.values():
             stop_server(proc)
+    memory_ratio = {m: memory[m] / memory["base"] for m in args.models} if "base" in memory else {}
+    for model in args.models:
+        print(f"{model}: peak resident memory {memory[model]:.0f} MiB "
+              f"({memory_ratio.get(model, float('nan')):.2f}x base)")
 
     rows = {m: {c: level_row(c, args.tokens, rounds[m][c]) for c in levels} for m in args.models}
     ratio = ratios(rows)
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     cond = conditions(
         server="compose-serve serve --in-process (uvicorn, no Ray), one subprocess per model, "
-        "all four up for the whole run",
+        "all up for the whole run",
         client="official openai.AsyncOpenAI (fresh per round), streamed chat completions, closed "
         "loop, log-probs on (one chunk per token), in the benchmark's own process",
         models={m: DESCRIPTIONS[m] for m in args.models},
@@ -398,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
             **{m: {str(c): ratio[m][c] for c in levels} for m in args.models},
         },
         "rounds": round_log,
+        "peak_resident_memory_mib": memory,
+        "peak_resident_memory_vs_base": memory_ratio,
+        "questions": QUESTIONS,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"throughput_{args.device_name}"

@@ -1,0 +1,220 @@
+"""The engine at length and under churn (issue 15), on SmolLM2-135M-Instruct, same run, as ratios.
+
+    python benchmarks/bench_length.py [--suites length churn burst] [--threads 2]
+
+Suites (each writes its rows and ratios into ``benchmarks/results/length_<device>.json``):
+
+- ``length``: decode step time (ms, median over ``--steps`` steps) at B = 4 with 64, 1,024 and
+  3,072 tokens of context, for this engine's slot cache, and for the raw transformers model with
+  its ``DynamicCache`` (the layout the slot cache sat on before: ``update`` concatenates the whole
+  cache every token) and a ``StaticCache`` (preallocated, the reference). Targets: engine step at
+  3,072 <= 1.3x its step at 64; >= 1.8x faster than the DynamicCache at 3,072.
+- ``churn``: eight normal streams (``--tokens`` tokens each) through the ``AsyncEngine``, alone, then
+  next to eight loops that submit a request, read 3 tokens and close it, over and over. Target:
+  the eight streams take <= 1.3x their time alone.
+- ``burst``: eight streams run; a burst of 32 requests with 1,000-token prompts (``--burst-tokens``
+  new tokens each) arrives; the eight streams' p90 inter-token latency with the burst against
+  without it, at each ``--budgets`` value of ``engine.max_prefill_tokens``. Target: <= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conditions import conditions, summary  # noqa: E402
+
+from compose_serve.composition import build_composition  # noqa: E402
+from compose_serve.config import load_composition  # noqa: E402
+from compose_serve.engine import Engine, Request  # noqa: E402
+from compose_serve.engine.scheduler import AsyncEngine  # noqa: E402
+from compose_serve.sampling import SamplingParams  # noqa: E402
+
+CONTEXTS = (64, 1024, 3072)
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    """A prompt of ``length`` token ids (ordinary tokens, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(200, 40000, (length,), generator=g).tolist()
+
+
+def engine_step_ms(composition, context: int, batch: int, steps: int) -> list[float]:
+    engine = Engine(composition, max_batch=batch, max_prefill_tokens=0)
+    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    engine.add([Request(prompt_of(context, i), params) for i in range(batch)])
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        times.append(1e3 * (time.perf_counter() - started))
+    engine.reset()
+    return times
+
+
+@torch.inference_mode()
+def hf_step_ms(model, cache_kind: str, context: int, batch: int, steps: int) -> list[float]:
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.tensor([prompt_of(context, i) for i in range(batch)])
+    if cache_kind == "static":
+        cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
+    else:
+        cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for step in range(steps):
+        position = torch.full((batch, 1), context + step)
+        started = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, position_ids=position,
+                    cache_position=torch.tensor([context + step]))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        times.append(1e3 * (time.perf_counter() - started))
+    return times
+
+
+def suite_length(composition, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from compose_serve.members.smollm2 import smollm2_dir
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir()).eval()
+    rows: dict[str, dict[int, dict]] = {"engine": {}, "hf_dynamic_cache": {}, "hf_static_cache": {}}
+    for context in CONTEXTS:
+        rows["engine"][context] = summary(engine_step_ms(composition, context, args.batch, args.steps))
+        rows["hf_dynamic_cache"][context] = summary(hf_step_ms(model, "dynamic", context, args.batch, args.steps))
+        rows["hf_static_cache"][context] = summary(hf_step_ms(model, "static", context, args.batch, args.steps))
+        print(f"context {context}: " + ", ".join(f"{k} {v[context]['median']:.1f} ms" for k, v in rows.items()),
+              file=sys.stderr, flush=True)
+    med = {k: {c: v[c]["median"] for c in CONTEXTS} for k, v in rows.items()}
+    ratios = {"engine_3072_vs_64": med["engine"][3072] / med["engine"][64],
+              "dynamic_cache_vs_engine_at_3072": med["hf_dynamic_cache"][3072] / med["engine"][3072],
+              "static_cache_vs_engine_at_3072": med["hf_static_cache"][3072] / med["engine"][3072]}
+    targets = {"engine_3072_vs_64": "<= 1.3", "dynamic_cache_vs_engine_at_3072": ">= 1.8"}
+    return {"unit": "ms per decode step, median", "batch": args.batch, "steps": args.steps, "rows": rows,
+            "ratios": ratios, "targets": targets}
+
+
+async def _stream(engine: AsyncEngine, ids: list[int], tokens: int) -> list[float]:
+    """One request read to the end: the arrival times of its tokens."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    arrivals = []
+    async for _ in engine.submit(Request(ids, params)):
+        arrivals.append(time.perf_counter())
+    return arrivals
+
+
+async def _dropper(engine: AsyncEngine, stop: asyncio.Event, seed: int) -> int:
+    """Connect, read 3 tokens, close; again until ``stop``. Returns how many it dropped."""
+    dropped = 0
+    while not stop.is_set():
+        stream = engine.submit(Request(prompt_of(24, seed + dropped), SamplingParams(max_tokens=64, ignore_eos=True)))
+        read = 0
+        async for _ in stream:
+            read += 1
+            if read == 3:
+                break
+        await stream.aclose()
+        dropped += 1
+    return dropped
+
+
+def suite_churn(composition, args) -> dict:
+    async def run(with_drops: bool) -> tuple[float, int]:
+        engine = AsyncEngine.from_composition(composition, max_batch=16)
+        stop = asyncio.Event()
+        droppers = [asyncio.create_task(_dropper(engine, stop, 1000 * i)) for i in range(8)] if with_drops else []
+        started = time.perf_counter()
+        await asyncio.gather(*(_stream(engine, prompt_of(24, i), args.tokens) for i in range(8)))
+        wall = time.perf_counter() - started
+        stop.set()
+        dropped = sum(await asyncio.gather(*droppers))
+        engine.close()
+        return wall, dropped
+
+    alone, drops = [], []
+    dropped = 0
+    for _ in range(args.repeats):
+        alone.append(asyncio.run(run(False))[0])
+        wall, n = asyncio.run(run(True))
+        drops.append(wall)
+        dropped += n
+    ratio = statistics.median(drops) / statistics.median(alone)
+    print(f"churn: alone {statistics.median(alone):.2f} s, with 8 drop loops {statistics.median(drops):.2f} s "
+          f"({ratio:.2f}x; {dropped} requests dropped)", file=sys.stderr, flush=True)
+    return {"unit": "seconds for 8 streams", "tokens_per_stream": args.tokens, "alone": summary(alone),
+            "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
+            "ratios": {"with_drops_vs_alone": ratio}, "targets": {"with_drops_vs_alone": "<= 1.3"}}
+
+
+def suite_burst(composition, args) -> dict:
+    async def run(budget: int, burst: bool) -> list[float]:
+        engine = AsyncEngine.from_composition(composition, max_batch=40)
+        engine.engine.max_prefill_tokens = budget
+        streams = [asyncio.create_task(_stream(engine, prompt_of(24, i), args.tokens)) for i in range(8)]
+        await asyncio.sleep(0.5)  # the eight streams are decoding
+        burst_tasks = [asyncio.create_task(_stream(engine, prompt_of(1000, 100 + i), args.burst_tokens))
+                       for i in range(32 if burst else 0)]
+        arrivals = await asyncio.gather(*streams)
+        await asyncio.gather(*burst_tasks)
+        engine.close()
+        gaps = [b - a for times in arrivals for a, b in zip(times, times[1:], strict=False)]
+        return gaps
+
+    rows = {}
+    for budget in args.budgets:
+        base = asyncio.run(run(budget, False))
+        with_burst = asyncio.run(run(budget, True))
+        p90 = {"alone": summary(base)["p90"], "burst": summary(with_burst)["p90"]}
+        rows[budget] = {"itl_alone_s": summary(base), "itl_with_burst_s": summary(with_burst),
+                        "p90_ratio": p90["burst"] / p90["alone"]}
+        print(f"burst, max_prefill_tokens {budget}: p90 ITL {1e3 * p90['alone']:.0f} ms alone, "
+              f"{1e3 * p90['burst']:.0f} ms with the burst ({rows[budget]['p90_ratio']:.2f}x)", file=sys.stderr,
+              flush=True)
+    return {"unit": "inter-token latency of the 8 running streams, seconds", "tokens_per_stream": args.tokens,
+            "burst": {"requests": 32, "prompt_tokens": 1000, "new_tokens": args.burst_tokens},
+            "rows": {str(b): r for b, r in rows.items()}, "targets": {"p90_ratio": "<= 2"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suites", nargs="+", default=["length", "churn", "burst"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per normal stream (churn, burst)")
+    parser.add_argument("--burst-tokens", type=int, default=4, help="new tokens per burst request")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[32, 256], help="max_prefill_tokens (burst)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    composition = build_composition(load_composition("smollm2"))
+    device = composition.members[0].device.type
+    out = args.out or Path(__file__).resolve().parent / "results" / f"length_{device}.json"
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    suites = {"length": suite_length, "churn": suite_churn, "burst": suite_burst}
+    for name in args.suites:
+        load = os.getloadavg()
+        result[name] = {**suites[name](composition, args), "load_average_before": load,
+                        "load_average_after": os.getloadavg()}
+    result["conditions"] = conditions(model="SmolLM2-135M-Instruct (built-in smollm2)", dtype="float32",
+                                      device=device, command=" ".join(["python", *sys.argv]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
