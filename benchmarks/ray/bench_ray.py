@@ -46,7 +46,7 @@ def free_port() -> int:
 def start(kind: str, config: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     if kind == "in_process":
-        cmd = ["compose-serve", "serve", "--in-process", "--config", str(config), "--port", str(port)]
+        cmd = [sys.executable, "-m", "compose_serve.cli", "serve", "--in-process", "--config", str(config), "--port", str(port)]
     else:
         cmd = [sys.executable, "-c", "import sys; from compose_serve.deployments.run import serve_on_ray; "
                "serve_on_ray([sys.argv[1]], port=int(sys.argv[2]))", str(config), str(port)]

@@ -46,7 +46,8 @@ class Engine:
         self.method = composition.method
         self.max_batch = max_batch or composition.spec.engine.max_batch
         #: prompt tokens prefilled per step at most (0: no limit, every admitted prompt at once)
-        self.max_prefill_tokens = max_prefill_tokens or composition.spec.engine.max_prefill_tokens
+        self.max_prefill_tokens = (composition.spec.engine.max_prefill_tokens if max_prefill_tokens is None
+                                   else max_prefill_tokens)
         self.sampler = Sampler()
         self.running: list[Sequence] = []
         self.prefilling: list[Sequence] = []  # admitted, prompt not complete yet (FIFO)

@@ -106,3 +106,18 @@ def test_the_cache_copies_no_other_row_on_admission_and_release(tiny):
     moved = [key for key, row in row_of.items() if key != first.slot and kv.row_of[key] != row]
     assert len(moved) <= 1
     assert kv.keys_[0].data_ptr() == pointer, "no reallocation"
+
+
+@torch.no_grad()
+def test_the_prefill_budget_chunks_prompts_and_zero_means_no_limit(tiny):
+    spec = parse_composition({"name": "c", "method": "mixture", "members": [{"name": "a", "model": str(tiny["a"])}]})
+    composition = build_composition(spec)
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    prompts = [tok.encode(TEXTS[0]), tok.encode(TEXTS[3])]  # 11+ tokens each
+    unlimited = Engine(composition, max_batch=2, max_prefill_tokens=0)
+    assert len(unlimited.add([Request(p, params) for p in prompts])) == 2 and not unlimited.prefilling
+    chunked = Engine(composition, max_batch=2, max_prefill_tokens=4)
+    assert chunked.add([Request(p, params) for p in prompts]) == [] and len(chunked.prefilling) == 2
+    assert chunked.prefilling[0].prefilled == 4 and chunked.prefilling[1].prefilled == 0  # front first
+    assert Engine(composition, max_batch=2).max_prefill_tokens == spec.engine.max_prefill_tokens == 256
