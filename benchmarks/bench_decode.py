@@ -63,9 +63,11 @@ def make_adapter_and_gate(root: Path, model_dir: Path) -> tuple[Path, Path]:
 
 
 def time_hf_generate(model, prompt_ids, batch, tokens, repeats) -> list[float]:
+    """Tokens/s of ``model.generate`` (greedy, exactly ``tokens`` new tokens, inputs on the model's device)."""
     ids = torch.tensor([prompt_ids] * batch, device=model.device)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                  do_sample=False, pad_token_id=0)
+                  do_sample=False, pad_token_id=pad)
     rates = []
     for i in range(repeats + 1):
         started = time.perf_counter()

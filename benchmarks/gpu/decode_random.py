@@ -46,7 +46,7 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCHMARKS))
-from bench_decode import time_engine  # noqa: E402
+from bench_decode import time_engine, time_hf_generate  # noqa: E402
 from conditions import conditions, summary  # noqa: E402
 
 from compose_serve.composition import build_composition  # noqa: E402
@@ -141,23 +141,6 @@ def compositions(model_dir: Path, adapters: list[Path], device: str, dtype: str)
 
 
 # --- timing ---------------------------------------------------------------------------------
-def time_generate(model, prompt_ids: list[int], batch: int, tokens: int, repeats: int) -> list[float]:
-    """Tokens/s of ``model.generate`` (greedy, exactly ``tokens`` new tokens), inputs on the
-    model's device (``bench_decode.time_hf_generate`` leaves them on the CPU)."""
-    ids = torch.tensor([prompt_ids] * batch, device=model.device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                  do_sample=False, pad_token_id=model.config.pad_token_id)
-    rates = []
-    for i in range(repeats + 1):
-        started = time.perf_counter()
-        model.generate(ids, **kwargs)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        if i:  # the first run warms up
-            rates.append(batch * tokens / (time.perf_counter() - started))
-    return rates
-
-
 def row_timer(name: str, body: dict | None, model_dir: Path, prompt_ids: list[int],
               args: argparse.Namespace) -> Callable[[int], list[float]]:
     """Load one row's model or composition once; the returned function gives its tokens/s at a
@@ -166,7 +149,7 @@ def row_timer(name: str, body: dict | None, model_dir: Path, prompt_ids: list[in
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.torch_dtype).to(args.device).eval()
-        return lambda batch: time_generate(hf, prompt_ids, batch, args.tokens, args.repeats)
+        return lambda batch: time_hf_generate(hf, prompt_ids, batch, args.tokens, args.repeats)
     composition = build_composition(parse_composition({"name": name, **body}))
     return lambda batch: time_engine(composition, prompt_ids, batch, args.tokens, args.repeats,
                                      one_hot=name == "engine_routed_mixed")
