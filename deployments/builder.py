@@ -56,7 +56,7 @@ def _bind_composition(spec: CompositionSpec, engine_options: dict):
     return server.bind(body, members, engine_options)
 
 
-def _spec(config: str | Path | dict | CompositionSpec) -> CompositionSpec:
+def composition_spec(config: str | Path | dict | CompositionSpec) -> CompositionSpec:
     if isinstance(config, CompositionSpec):
         return config
     if isinstance(config, dict):  # inline, e.g. in a ``serve run`` YAML; paths relative to the cwd
@@ -73,7 +73,7 @@ def build_app(configs: Sequence[str | Path | dict | CompositionSpec], api_key: s
     request_timeout) and ``torch_threads`` to its replica; ``max_body_bytes`` bounds a request
     body at the ingress (413 beyond).
     """
-    specs = [_spec(c) for c in configs]
+    specs = [composition_spec(c) for c in configs]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"two compositions share a name: {names}")

@@ -39,7 +39,7 @@ def serve_on_ray(configs: Sequence[str], host: str = "127.0.0.1", port: int = 80
     """
     from ray import serve
 
-    from .builder import build_app
+    from .builder import build_app, composition_spec
 
     app = build_app(configs, api_key=api_key, engine_options=engine_options,  # validates before Ray starts
                     max_body_bytes=max_body_bytes)
@@ -47,7 +47,8 @@ def serve_on_ray(configs: Sequence[str], host: str = "127.0.0.1", port: int = 80
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=app_name, route_prefix="/")
     url = f"http://{host}:{port}/v1"
-    print(f"compose-serve on Ray Serve: {url} (models: {', '.join(map(str, configs))}); Ctrl-C stops", flush=True)
+    served = [composition_spec(c).name for c in configs]  # the served names, not the config files
+    print(f"compose-serve on Ray Serve: {url} (models: {', '.join(map(str, served))}); Ctrl-C stops", flush=True)
     if block:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
