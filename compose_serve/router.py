@@ -122,10 +122,6 @@ class Router:
         z = (features.float() - self.mean.to(device)) / self.std.to(device)  # [n, d]
         return torch.softmax(z @ self.weight.to(device).T + self.bias.to(device), dim=-1)
 
-    def route(self, decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Left-padded prompts ``[n, L]`` through the base ``decoder`` -> probabilities ``[n, K]``."""
-        return self.probs(layer_features(decoder, input_ids, attention_mask, self.layer, self.pooling))
-
     def save(self, directory: str | Path) -> Path:
         """Write ``router.safetensors`` and ``router.json`` into ``directory``; returns the folder."""
         from safetensors.torch import save_file

@@ -162,9 +162,6 @@ class SlotCache(Cache):
             self.order.pop()
             self.lengths.pop()
 
-    def drop(self, keys: Sequence[Hashable]) -> None:
-        self.release(keys)
-
     # -- what the model asks (transformers Cache API) ------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write ``[n, H, q, hd]`` new keys/values in place; return the planned rows' K/V
