@@ -227,9 +227,12 @@ class HFMember(Member):
         from ..router import layer_features
 
         ids, mask = self.pad_prompts(token_ids)
-        bare = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
-        with bare:
+        with self.bare_base(len(token_ids)):
             return layer_features(self.decoder, ids, mask, layer, pooling)
+
+    def bare_base(self, rows: int):
+        """A context in which a forward of ``rows`` rows runs the model without its adapter."""
+        return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
 
     # -- the steps ------------------------------------------------------------------------
     def pad_prompts(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ touched otherwise (``release``, another ``prefill``) are run first, so none is e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
@@ -128,14 +129,10 @@ class SharedBase(HFMember):
         self.plan.rows(list(adapters) or [BASE] * ids.shape[0], self.device, self.dtype)
         return super().forward_sequences(ids, mask)
 
-    @torch.inference_mode()
-    def prompt_features(self, token_ids: Sequence[Sequence[int]], layer: int, pooling: str) -> torch.Tensor:
-        """The bare base's pooled hidden states at block ``layer`` (the router's features) ``[n, d]``."""
-        from ..router import layer_features
-
-        ids, mask = self.pad_prompts(token_ids)
-        self.plan.rows([BASE] * len(token_ids), self.device, self.dtype)
-        return layer_features(self.decoder, ids, mask, layer, pooling)
+    def bare_base(self, rows: int):
+        """Every row runs ``"__base__"`` (the router's features come from the bare base)."""
+        self.plan.rows([BASE] * rows, self.device, self.dtype)
+        return contextlib.nullcontext()
 
     # HFMember's own slot API is not used on a host: members go through submit()
     def prefill(self, slots, token_ids, want_prompt_nll: bool = False) -> Scores:
