@@ -110,6 +110,15 @@ async def _collect(stream):
     return [event async for event in stream]
 
 
+def _close(engine: AsyncEngine) -> None:
+    """Release held steps, then stop: a step still waiting on ``go`` would keep ``close`` (which
+    joins the step thread) from ever returning when a test fails while steps are held."""
+    held = getattr(engine.engine, "go", None)
+    if held is not None:
+        held.set()
+    engine.close()
+
+
 def test_concurrent_requests_equal_each_alone(composition, tok):
     requests = [_request(tok, i) for i in range(16)]
     alone = [_alone(composition, r) for r in requests]
@@ -126,7 +135,7 @@ def test_concurrent_requests_equal_each_alone(composition, tok):
     try:
         results = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     for want, events in zip(alone, results, strict=True):
         assert [e.token_id for e in events] == want.token_ids
         assert "".join(e.text for e in events) == want.text
@@ -155,7 +164,7 @@ def test_close_mid_stream_frees_the_slot(composition, tok):
     try:
         first, later = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     aborted = next(r for r in records.finished if r.finish_reason == "abort")
     assert aborted.output_tokens < 200
     assert [e.token_id for e in later] == _alone(
@@ -174,6 +183,7 @@ def test_cancelled_task_aborts_a_waiting_request(composition, tok):
         engine.engine.go.clear()
         running = engine.submit(_request(tok, 0, max_tokens=4))
         waiting_task = asyncio.ensure_future(_collect(engine.submit(_request(tok, 1))))
+        await asyncio.sleep(0)  # the task starts consuming; cancelled before that, it never would
         while engine.stats().running < 1:  # the step thread admits the first one
             await asyncio.sleep(0.005)
         assert engine.stats().waiting == 1
@@ -187,7 +197,7 @@ def test_cancelled_task_aborts_a_waiting_request(composition, tok):
     try:
         events = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     assert len(events) == 4
     assert [r.finish_reason for r in records.finished] == ["abort", "length"]
 
@@ -207,7 +217,7 @@ def test_queue_bound_refuses_and_admitted_requests_complete(composition, tok):
     try:
         refused, results = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     assert refused.status_code == 429 and refused.retry_after >= 1
     assert records.rejected == 1
     assert [len(events) for events in results] == [4, 4, 4]
@@ -226,7 +236,7 @@ def test_invalid_requests_fail_at_submit(composition, tok):
     try:
         too_long, bad_weights = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     assert too_long.param == "max_tokens" and bad_weights.param == "composition.weights"
     assert engine.stats().waiting == 0
 
@@ -247,7 +257,7 @@ def test_request_timeout_ends_the_request_and_frees_the_slot(composition, tok):
     try:
         later = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     assert records.finished[0].finish_reason == "timeout"
     assert len(later) == 3 and engine.engine.free_slots == 1
 
@@ -272,7 +282,7 @@ def test_a_failed_step_ends_its_batch_and_serving_goes_on(composition, tok, monk
     try:
         later = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     assert [e.token_id for e in later] == _alone(
         composition, _request(tok, 2, max_tokens=6)
     ).token_ids
@@ -300,7 +310,7 @@ def test_a_failed_prefill_resets_the_slots(composition, tok, monkeypatch):
     try:
         later = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     assert [e.token_id for e in later] == _alone(
         composition, _request(tok, 2, max_tokens=4)
     ).token_ids
@@ -329,7 +339,7 @@ def test_a_dead_engine_fails_everything_and_refuses_more(composition, tok, monke
     try:
         asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
         Engine.reset(engine.engine)  # the members are shared with the other tests
     assert not engine.stats().alive
 
@@ -364,9 +374,9 @@ def test_ready_takes_the_queued_events_at_once_and_the_stream_ends_after_them(co
     async def main():
         stream = engine.submit(request)
         first = await stream.__anext__()
-        while engine.stats().running:  # let the engine finish the request before reading on
+        # let the engine finish the request and its events reach this loop before reading on
+        while engine.stats().running or stream._queue.qsize() < len(want) - 1:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
         rest = stream.ready()
         after = [event async for event in stream]
         return first, rest, after
@@ -374,6 +384,6 @@ def test_ready_takes_the_queued_events_at_once_and_the_stream_ends_after_them(co
     try:
         first, rest, after = asyncio.run(main())
     finally:
-        engine.close()
+        _close(engine)
     assert [first.token_id] + [e.token_id for e in rest] == want
     assert rest[-1].finish_reason == "length" and after == []
