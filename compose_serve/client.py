@@ -194,6 +194,18 @@ class _SamplingFields(TypedDict, total=False):
     logit_bias: dict[str, float]
     stop_token_ids: list[int]
     ignore_eos: bool
+    min_tokens: int
+    skip_special_tokens: bool
+    include_stop_str_in_output: bool
+    truncate_prompt_tokens: int
+    return_tokens_as_token_ids: bool
+    prompt_logprobs: int
+    # structured outputs (vLLM's names; chat also takes response_format, tools, tool_choice)
+    guided_json: dict[str, Any] | str
+    guided_regex: str
+    guided_choice: list[str]
+    structured_outputs: dict[str, Any]
+    response_format: dict[str, Any]
     stream_options: dict[str, Any]
     user: str
     composition: CompositionOverride
@@ -210,6 +222,12 @@ class ChatParams(_SamplingFields, total=False):
     max_completion_tokens: int
     logprobs: bool
     top_logprobs: int
+    tools: list[dict[str, Any]]
+    tool_choice: str | dict[str, Any]
+    add_generation_prompt: bool
+    continue_final_message: bool
+    chat_template: str
+    chat_template_kwargs: dict[str, Any]
 
 
 def _body(fixed: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], Any]:

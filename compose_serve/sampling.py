@@ -10,10 +10,10 @@ Contract::
                        top_ids [B, N] int64 | None, top_logprobs [B, N] float32 | None)
 
 Every returned log-prob is read from the fused ``logprobs`` as given, before penalties,
-temperature and truncation; ``N`` is the largest ``params.logprobs`` in the batch. Outputs stay on
-``logprobs.device``. Each sampled row draws exactly ``V`` Exp(1) numbers per step from its own
-generator and greedy rows draw none, so a seeded request yields the same tokens whatever else is
-in the batch. ``SamplingParams`` is the validated, frozen form of a request's sampling fields: it
+temperature, truncation and a grammar's mask (``pick_from``: structured outputs); ``N`` is
+the largest ``params.logprobs`` in the batch. Outputs stay on ``logprobs.device``. Each sampled
+row draws exactly ``V`` Exp(1) numbers per step from its own generator and greedy rows draw none,
+so a seeded request yields the same tokens whatever else is in the batch. ``SamplingParams`` is the validated, frozen form of a request's sampling fields: it
 is built once at the edge and raises ``InvalidRequestError`` naming the field.
 """
 
@@ -125,9 +125,34 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # n >= 0: the chosen token's log-prob plus the top n
     n: int = 1
+    #: n >= 0: every prompt token's log-prob under the fused distribution, plus the top n
+    #: (vLLM's ``prompt_logprobs``; ``echo`` with ``logprobs`` on completions). With it,
+    #: ``max_tokens`` may be 0: the prompt is scored and nothing is generated.
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0  # EOS and stop token ids cannot end the output before this many tokens
+    skip_special_tokens: bool = True  # special tokens (EOS, chat markers) leave the text out
+    include_stop_str_in_output: bool = False  # a matched stop string stays at the end of the text
+    #: a compiled grammar request (``compose_serve.structured``): constrains every sampled token
+    structured: object | None = None
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, low=1)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                raise InvalidRequestError(
+                    f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {self.prompt_logprobs}",
+                    param="prompt_logprobs",
+                )
+        _check_int("max_tokens", self.max_tokens, low=0 if self.prompt_logprobs is not None else 1)
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+                param="min_tokens",
+            )
+        for flag in ("skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidRequestError(f"{flag} must be a boolean", param=flag)
         _check_int("n", self.n, low=1)
         top_k = _check_int("top_k", self.top_k, low=-1)
         floats = {
@@ -206,8 +231,11 @@ class Sampler:
     """Pick one token per row of the fused log-probs.
 
     Steps, in order (every step is skipped when no row in the batch needs it):
+      0. min_tokens: until a row has that many output tokens, EOS and its stop token ids are out.
       1. logit_bias: add each row's bias to its tokens.
-      2. repetition penalty on prompt and output tokens: ``s < 0 -> s * p``, else ``s / p``.
+      2. repetition penalty on prompt and output tokens, vLLM's and transformers' rule on raw
+         scores: ``z < 0 -> z * p``, else ``z / p``, where ``z = logprobs + raw_shift`` (the
+         method's pre-normalisation scale: a member alone gets exactly its own logits back).
       3. frequency and presence penalties on output tokens: ``s -= f * count + p * (count > 0)``.
       4. greedy rows (temperature 0, or below GREEDY_BELOW, or top_k 1): argmax; no random draws.
       5. temperature: ``(s - max s) / T`` (the shift keeps tiny temperatures finite).
@@ -220,6 +248,9 @@ class Sampler:
      10. gather the chosen token's log-prob and the top-N from the ORIGINAL fused log-probs.
     """
 
+    def __init__(self, eos_token_ids: Sequence[int] = ()) -> None:
+        self.eos_token_ids = tuple(eos_token_ids)
+
     def __call__(
         self,
         logprobs: torch.Tensor,  # [B, V]
@@ -227,9 +258,13 @@ class Sampler:
         generators: Sequence[torch.Generator],
         prompt_ids: Sequence[Sequence[int]],
         output_ids: Sequence[Sequence[int]],
+        raw_shift: torch.Tensor | None = None,  # [B]: logprobs + raw_shift = raw fused scores
+        pick_from: torch.Tensor | None = None,  # [B, V]: structured outputs' grammar-masked copy
     ) -> SamplerOutput:
         _check_batch(logprobs, params, generators, prompt_ids, output_ids)
-        scores = self.apply_penalties(logprobs, params, prompt_ids, output_ids)  # steps 1-3
+        # tokens are picked from ``pick_from`` when given; returned log-probs stay ``logprobs``'
+        picking = logprobs if pick_from is None else pick_from
+        scores = self.apply_penalties(picking, params, prompt_ids, output_ids, raw_shift)  # 0-3
         tokens = self._pick(scores, params, generators)  # steps 4-9
         return self._gather(logprobs, tokens, params)  # step 10
 
@@ -241,12 +276,25 @@ class Sampler:
         params: Sequence[SamplingParams],
         prompt_ids: Sequence[Sequence[int]],
         output_ids: Sequence[Sequence[int]],
+        raw_shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Steps 1-3. Returns ``logprobs`` itself when no row has a bias or a penalty."""
-        if not any(p.logit_bias for p in params) and not any(_penalised(p) for p in params):
+        """Steps 0-3. Returns ``logprobs`` itself when no row has a bias, a penalty or a
+        min_tokens still to reach. ``raw_shift [B]`` (default 0) puts the scores on the raw scale
+        that the repetition penalty is defined on."""
+        early = [
+            row
+            for row, (p, out) in enumerate(zip(params, output_ids, strict=True))
+            if len(out) < p.min_tokens
+        ]
+        if not (early or any(p.logit_bias for p in params) or any(_penalised(p) for p in params)):
             return logprobs
         scores = logprobs.clone()  # [B, V]; the original is needed again in step 10
         device = scores.device
+        for row in early:  # step 0
+            p = params[row]
+            banned = [*(() if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids]
+            if banned:
+                scores[row, _long(banned, device)] = -math.inf
         bias_rows, bias_ids, bias_values = [], [], []
         for row, p in enumerate(params):
             for token, bias in (p.logit_bias or {}).items():
@@ -259,6 +307,8 @@ class Sampler:
                 index, torch.tensor(bias_values, dtype=scores.dtype, device=device), accumulate=True
             )
         if any(p.repetition_penalty != 1.0 for p in params):
+            if raw_shift is not None:
+                scores = scores + raw_shift.to(scores).unsqueeze(-1)
             scores = self._repetition(scores, params, prompt_ids, output_ids)
         if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
             scores = self._frequency_presence(scores, params, output_ids)

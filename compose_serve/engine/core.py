@@ -14,6 +14,11 @@ base in one forward), one chunk forward in ``add`` and one after the decode of e
 running streams keep their pace while a long prompt or a burst comes in. A sequence whose prompt
 is complete gets its first token from the fused scores of the whole prompt (steps 2-6 on its last
 chunk's scores) and joins the running batch.
+Prompt log-probs (``params.prompt_logprobs``): when its prompt is complete, a sequence's prompt is
+scored by teacher forcing through its members with its weights (``engine/scoring.py``, the path
+the distillation teacher uses; one extra forward per member) and the result rides on its first
+TokenEvent. With ``max_tokens`` 0 the request finishes in ``add``: scored, nothing prefilled, its
+slot freed, one event with no token (``token_id`` None, ``finish_reason`` "length").
 Running sequences are never re-prefilled. The scheduler (``engine/scheduler.py``) and the sync
 ``generate`` below drive these two calls; nothing here knows about threads, HTTP or Ray.
 """
@@ -26,11 +31,14 @@ from collections.abc import Iterable
 
 import torch
 
+from .. import structured
 from ..composition import Composition
+from ..errors import InvalidRequestError
 from ..members.base import Scores
 from ..sampling import Sampler, make_generator
 from .admission import check_request
 from .detokenizer import Detokenizer
+from .scoring import can_teacher_force, score_prompts
 from .sequence import Completion, Request, Sequence, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -48,7 +56,7 @@ class Engine:
         #: prompt tokens prefilled per step at most (0: no limit, every admitted prompt at once)
         self.max_prefill_tokens = (composition.spec.engine.max_prefill_tokens if max_prefill_tokens is None
                                    else max_prefill_tokens)
-        self.sampler = Sampler()
+        self.sampler = Sampler(composition.eos_token_ids)
         self.running: list[Sequence] = []
         self.prefilling: list[Sequence] = []  # admitted, prompt not complete yet (FIFO)
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
@@ -68,7 +76,16 @@ class Engine:
     # -- admission ------------------------------------------------------------------------
     def check(self, request: Request) -> list[float]:
         """Validate a request against this composition; returns its row of method weights."""
-        return check_request(request, self.method, self.composition.vocab_size, self.composition.max_context)
+        weights = check_request(request, self.method, self.composition.vocab_size, self.composition.max_context)
+        if request.params.prompt_logprobs is not None and not can_teacher_force(self.composition):
+            raise InvalidRequestError(
+                f"prompt_logprobs is not supported by {self.composition.name!r}: its members do not all "
+                "run in this process (remote members score one position at a time)",
+                param="prompt_logprobs",
+            )
+        if request.params.structured is not None:  # structured outputs: compiled (and cached) here
+            self._grammars().compile(request.params.structured)
+        return weights
 
     def add(self, requests: list[Request]) -> list[TokenEvent]:
         """Admit ``requests`` into free slots and prefill the first chunk; returns the first tokens
@@ -79,8 +96,10 @@ class Engine:
         seqs = [self._admit(r, w) for r, w in zip(requests, weights, strict=True)]
         if self.method.router is not None:
             self._route([s for s in seqs if not s.request.composition])  # a request's own weights win
-        self.prefilling.extend(seqs)
-        return self._prefill_chunk()
+        scored = [s for s in seqs if s.request.params.max_tokens == 0]  # prompt log-probs only
+        events = self._score_only(scored) if scored else []
+        self.prefilling.extend(s for s in seqs if s.request.params.max_tokens > 0)
+        return events + self._prefill_chunk()
 
     def _prefill_chunk(self) -> list[TokenEvent]:
         """One prefill forward (per member) over the next prompt tokens of the prefilling
@@ -119,8 +138,13 @@ class Engine:
         scores = [_rows_of(rows, sc, done) for rows, sc in scores]
         if nll:
             self._prompt_weights(finished, scores)
+        prompt_lps = self._prompt_logprobs(finished)  # before the first token: same weights
         self.running.extend(finished)
-        return self._advance(finished, scores)
+        events = self._advance(finished, scores)
+        by_id = {s.request_id: lps for s, lps in zip(finished, prompt_lps, strict=True) if lps is not None}
+        for event in events:
+            event.prompt_logprobs = by_id.get(event.request_id)
+        return events
 
     def _admit(self, request: Request, weights: list[float]) -> Sequence:
         params = request.params
@@ -129,7 +153,8 @@ class Engine:
             slot=self._free_slots.pop(),
             weights=torch.tensor(weights, dtype=torch.float32),
             generator=make_generator(params.seed, device=self.device),
-            detokenizer=Detokenizer(self.composition.tokenizer, request.prompt_ids, params.stop),
+            detokenizer=Detokenizer(self.composition.tokenizer, request.prompt_ids, params.stop,
+                                    params.skip_special_tokens, params.include_stop_str_in_output),
         )
 
     def _route(self, seqs: list[Sequence]) -> None:
@@ -156,6 +181,42 @@ class Engine:
             if not seq.request.composition:  # a request's own weights win
                 seq.weights = weights[i]
 
+    # -- prompt log-probs (``SamplingParams.prompt_logprobs``) ------------------------------
+    def _prompt_logprobs(self, seqs: list[Sequence], from_nll: torch.Tensor | None = None) -> list:
+        """Per sequence: its prompt's log-probs under the fused distribution (``engine.scoring``:
+        teacher forcing through the members that run for it, with its weights after routing and
+        PackLLM, fused by the method), or None when it did not ask. Runs here, on the step thread,
+        between forwards: the shared-base members keep per-forward state."""
+        want = [i for i, s in enumerate(seqs) if s.request.params.prompt_logprobs is not None]
+        out: list = [None] * len(seqs)
+        if not want:
+            return out
+        picked = [seqs[i] for i in want]
+        rows, weights = score_prompts(
+            self.composition, [s.request.prompt_ids for s in picked], torch.stack([s.weights for s in picked]),
+            [s.request.params.prompt_logprobs for s in picked], None if from_nll is None else from_nll[want])
+        for i, row, w in zip(want, rows, weights, strict=True):
+            out[i] = row
+            seqs[i].weights = w  # the PackLLM weights of a row scored with ``from_nll``; else unchanged
+        return out
+
+    def _score_only(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """Requests with ``max_tokens`` 0 finish at admission: their prompts are scored (no
+        prefill into the cache, no token sampled), their slots freed at once, and each gets one
+        event with ``token_id`` None, ``finish_reason`` "length" and its ``prompt_logprobs``."""
+        from_nll = None  # PackLLM: the weights come from the NLL of this same forward
+        if self.method.uses_prompt_nll:
+            from_nll = torch.tensor([not s.request.composition for s in seqs])  # a request's own win
+        events = []
+        for seq, lps in zip(seqs, self._prompt_logprobs(seqs, from_nll), strict=True):
+            seq.finish_reason = "length"
+            diag = {"weights": dict(zip(self.method.member_names, seq.weights.tolist(), strict=True))}
+            if seq.router_probs is not None:
+                diag["router"] = dict(zip(self.method.member_names, seq.router_probs.tolist(), strict=True))
+            events.append(TokenEvent(seq.request_id, None, "", None, None, diag, "length", prompt_logprobs=lps))
+        self._release(seqs)
+        return events
+
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Advance every running sequence by one token (steps 1-6 of the class docstring), then
@@ -176,12 +237,18 @@ class Engine:
         member_logits = [self._full_rows(rows, sc, len(seqs)) for rows, sc in scores]  # K x [B, V]
         weights = torch.stack([s.weights for s in seqs]).to(self.device)  # [B, K]
         fused = self.method.fuse(member_logits, weights)  # 2. fuse
+        params = [s.request.params for s in seqs]
+        raw_shift = None  # the repetition penalty acts on raw scores (vLLM's rule)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            raw_shift = self.method.raw_shift(member_logits, fused.weights)
         out = self.sampler(  # 3. sample
             fused.logprobs,
-            [s.request.params for s in seqs],
+            params,
             [s.generator for s in seqs],
             [s.request.prompt_ids for s in seqs],
             [s.output_ids for s in seqs],
+            raw_shift,
+            pick_from=self._constrain(seqs, fused.logprobs),  # structured outputs (None: no grammar)
         )
         tokens = out.tokens.tolist()
         chosen = out.chosen_logprobs.tolist()
@@ -199,8 +266,38 @@ class Engine:
             for name, per_member in member_diag.items():
                 diag[name] = {m: v[i] for m, v in per_member.items() if i in v}
             events.append(self._append(seq, tokens[i], chosen[i], top, diag))  # 4. append, 5. stop
+        self._grammar_accept(seqs, tokens, events)  # structured outputs: a complete grammar stops
         self._release([s for s in seqs if s.finish_reason is not None])
         return events  # 6. emit
+
+    # -- structured outputs (compose_serve.structured) ----------------------------------------
+    def _constrain(self, seqs: list[Sequence], logprobs: torch.Tensor) -> torch.Tensor | None:
+        """The fused ``logprobs [B, V]`` copied with -inf where a sequence's grammar forbids a token,
+        for the sampler to pick from; None (no copy) when no sequence has a grammar."""
+        rows = [i for i, s in enumerate(seqs) if s.request.params.structured is not None]
+        if not rows:
+            return None
+        for i in rows:
+            if seqs[i].grammar is None:  # its first token: the grammar was compiled at check()
+                seqs[i].grammar = self._grammars().matcher(seqs[i].request.params.structured)
+        return structured.mask_rows(logprobs, rows, [seqs[i].grammar for i in rows])
+
+    def _grammar_accept(self, seqs: list[Sequence], tokens: list[int], events: list[TokenEvent]) -> None:
+        """Each constrained sequence's matcher takes its token; a grammar that is complete (nothing
+        but EOS can follow) ends its sequence with "stop", releasing any text held back."""
+        for seq, token, event in zip(seqs, tokens, events, strict=True):
+            if seq.grammar is None:
+                continue
+            if not seq.grammar.accept(token):  # cannot happen when the mask was applied
+                logger.warning("request %s: token %d is outside its grammar; ending it", seq.request_id, token)
+            if seq.grammar.finished and seq.finish_reason is None:
+                event.text += seq.detokenizer.flush()
+                seq.finish_reason = event.finish_reason = "stop"
+
+    def _grammars(self) -> structured.GrammarCompiler:
+        """This composition's grammar compiler (one per process and tokenizer, made on first use)."""
+        c = self.composition
+        return structured.compiler_for(c.tokenizer, c.vocab_size, c.eos_token_ids)
 
     def _full_rows(self, rows: list[int], scores: Scores | None, batch: int) -> torch.Tensor:
         """A member's logits as ``[B, V]``: zeros where the member did not run (its weight is 0)."""
@@ -226,15 +323,18 @@ class Engine:
         params = seq.request.params
         seq.output_ids.append(token)
         eos = token in self.composition.eos_token_ids and not params.ignore_eos
-        if eos or token in params.stop_token_ids:
+        stop_reason = None  # vLLM's: the stop token id or stop string that ended it (None: EOS)
+        if eos or token in params.stop_token_ids:  # the sampler bans both before min_tokens
             text, seq.finish_reason = seq.detokenizer.flush(), "stop"
+            stop_reason = None if eos else token
         else:
-            text, hit_stop = seq.detokenizer.push(token)
-            if hit_stop:
+            text, stop_reason = seq.detokenizer.push(token, len(seq.output_ids) >= params.min_tokens)
+            if stop_reason is not None:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= params.max_tokens:
                 text, seq.finish_reason = text + seq.detokenizer.flush(), "length"
-        return TokenEvent(seq.request_id, token, text, logprob, top, diag, seq.finish_reason)
+        return TokenEvent(seq.request_id, token, text, logprob, top, diag, seq.finish_reason,
+                          stop_reason=stop_reason)
 
     # -- leaving --------------------------------------------------------------------------
     def _release(self, finished: Iterable[Sequence]) -> None:

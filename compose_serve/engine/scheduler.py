@@ -77,6 +77,8 @@ class RequestRecord:
         else:
             self.inter_token.append(now - self.last_token)
         self.last_token = now
+        if not event.generated:  # a prompt scored with max_tokens 0: its result, not a token
+            return
         self.output_tokens += 1
         for name, per_member in event.diagnostics.items():
             sums = self.diagnostic_sums.setdefault(name, {})

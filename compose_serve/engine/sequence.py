@@ -5,6 +5,9 @@
 - ``TokenEvent``: one per sequence per step: the token, the text it adds (possibly "" while a
   stop string or an incomplete character is held back), its fused log-prob (and the top-n), the
   per-member diagnostics, and ``finish_reason`` on the last one (``stop``, ``length``, ``abort``).
+  A request with ``prompt_logprobs`` gets them on its first event (``PromptLogprobs``: one entry
+  per prompt token, the first None). With ``max_tokens`` 0 its only event carries no token:
+  ``token_id`` and ``logprob`` None, text "", ``finish_reason`` "length" (``generated`` False).
 - ``Completion``: the events of one request gathered (what the library's ``generate`` returns).
 """
 
@@ -17,6 +20,10 @@ import torch
 
 from ..sampling import SamplingParams
 from .detokenizer import Detokenizer
+from .scoring import PromptLogprob
+
+#: per prompt token: None for the first, then its fused log-prob, rank and the top n
+PromptLogprobs = list[PromptLogprob | None]
 
 
 @dataclass
@@ -30,12 +37,19 @@ class Request:
 @dataclass
 class TokenEvent:
     request_id: str
-    token_id: int
+    token_id: int | None  # None: no token (a prompt scored with max_tokens 0)
     text: str
-    logprob: float
+    logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     diagnostics: dict[str, dict[str, float]]  # {"weights": {member: w}, "router": {member: p}, "gate_mean": ...}
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    prompt_logprobs: PromptLogprobs | None = None  # on the first event, when the request asked
+
+    @property
+    def generated(self) -> bool:
+        """Whether this event is a generated token (False: a prompt scored, nothing generated)."""
+        return self.token_id is not None
 
 
 @dataclass
@@ -48,15 +62,21 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     diagnostics: list[dict[str, dict[str, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them
 
     def add(self, event: TokenEvent) -> None:
-        self.token_ids.append(event.token_id)
-        self.text += event.text
-        self.logprobs.append(event.logprob)
-        if event.top_logprobs is not None:
-            self.top_logprobs.append(event.top_logprobs)
-        self.diagnostics.append(event.diagnostics)
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        if event.generated:  # a prompt scored with max_tokens 0 adds no token
+            self.token_ids.append(event.token_id)
+            self.text += event.text
+            self.logprobs.append(event.logprob)
+            if event.top_logprobs is not None:
+                self.top_logprobs.append(event.top_logprobs)
+            self.diagnostics.append(event.diagnostics)
         self.finish_reason = event.finish_reason or self.finish_reason
+        self.stop_reason = event.stop_reason if event.stop_reason is not None else self.stop_reason
 
 
 @dataclass
@@ -72,6 +92,8 @@ class Sequence:
     finish_reason: str | None = None
     prefilled: int = 0  # prompt tokens the members have taken so far (chunked prefill)
     router_probs: torch.Tensor | None = None  # [K], when a router chose the weights
+    #: structured outputs: this sequence's grammar matcher (``compose_serve.structured.Matcher``)
+    grammar: object | None = None
 
     @property
     def request_id(self) -> str:

@@ -25,6 +25,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..errors import AuthenticationError, ComposeError, ModelNotFoundError, PayloadTooLargeError
 from .backend import Backend
 from .protocol import (
@@ -32,11 +33,16 @@ from .protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
 )
-from .serving import ClientGone, EventStream, OpenAIServing, error_response
+from .serving import ClientGone, EventStream, OpenAIServing, error_response, off_loop
 
 MAX_BODY_BYTES = 16 * 2**20
 
@@ -74,7 +80,12 @@ def _errors(*statuses: int) -> dict:
 
 
 def _generation_responses(model: type[BaseModel]) -> dict:
-    stream = {"schema": {"type": "string", "description": "SSE: data: {chunk} lines, then data: [DONE]"}}
+    # the schema of one server-sent event (what OpenAPI 3.2 and schemathesis validate per event)
+    event = {"type": "object", "required": ["data"],
+             "description": "One event: data is a chunk as JSON (an error object once, on a failure), "
+                            "or [DONE] last",
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+    stream = {"schema": event}
     ok = {"model": model, "description": f"{model.__name__}, or with stream: true an event stream of chunks",
           "content": {"text/event-stream": stream}}
     return {200: ok, **_errors(400, 401, 404, 413, 429, 500, 503, 504)}
@@ -180,6 +191,20 @@ def build_router(api_key: str | None = None) -> APIRouter:
             )
         except ClientGone:
             return Response(status_code=499)
+
+    @open_routes.get("/version", responses={200: {"model": VersionResponse, "description": "The server's version"}})
+    async def version() -> Response:
+        return _reply(VersionResponse(version=__version__))
+
+    @guarded.post("/tokenize", responses={200: {"model": TokenizeResponse, "description": "The prompt's token ids"},
+                                          **_errors(400, 401, 404, 500)})
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        return _reply(await off_loop(_serving(request).tokenize, body))
+
+    @guarded.post("/detokenize", responses={200: {"model": DetokenizeResponse, "description": "The ids' text"},
+                                            **_errors(400, 401, 404, 500)})
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+        return _reply(await off_loop(_serving(request).detokenize, body))
 
     open_routes.include_router(guarded)
     return open_routes

@@ -4,7 +4,13 @@
   character decodes to U+FFFD, its ``bytes`` stay exact;
 - completions log-probs: ``tokens``, ``token_logprobs``, ``top_logprobs`` ({token: lp}, top n),
   ``text_offset``; chat log-probs: ``content`` entries {token, logprob, bytes, top_logprobs};
-- usage counts each prompt once and every generated token (one TokenEvent is one token);
+- usage counts each prompt once and every generated token (one TokenEvent is one token, but for
+  the one event of a prompt scored with ``max_tokens`` 0, which carries none);
+- prompt log-probs: ``add_prompt_logprobs`` (``echo`` with ``logprobs``: OpenAI's shape, the
+  first token null) and ``vllm_prompt_logprobs`` (vLLM's ``prompt_logprobs`` field);
+- every log-prob is JSON-safe: ``-inf`` (a token no member gives any mass) becomes -9999.0, as
+  vLLM writes it, never ``-Infinity``;
+- ``return_tokens_as_token_ids``: ``TokenIdText`` names tokens ``token_id:<id>``;
 - ``composition`` diagnostics: per token in chunks, the mean over the tokens in a response.
 """
 
@@ -12,11 +18,12 @@ from __future__ import annotations
 
 import json
 
-from ..engine.sequence import TokenEvent
+from ..engine.sequence import PromptLogprobs, TokenEvent
 from .protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
     CompositionDiagnostics,
+    PromptTokenLogprob,
     TopLogprob,
     UsageInfo,
 )
@@ -36,6 +43,26 @@ class TokenText:
             )
             self.cache[token_id] = (text, list(_token_bytes(self.tokenizer, token_id, text)))
         return self.cache[token_id]
+
+
+class TokenIdText:
+    """vLLM's ``return_tokens_as_token_ids``: a token's string is ``token_id:<id>`` (always
+    unambiguous, even for pieces that are not whole characters); its bytes stay the token's own."""
+
+    def __init__(self, token_text: TokenText) -> None:
+        self.token_text = token_text
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        return f"token_id:{token_id}", self.token_text(token_id)[1]
+
+
+#: what a -inf (or NaN) log-prob is written as: JSON has no infinities (vLLM's value)
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(logprob: float) -> float:
+    """``logprob`` clamped to ``LOGPROB_FLOOR`` (NaN too), so that every body is valid JSON."""
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -74,11 +101,24 @@ def sse(model, include_usage: bool) -> str:
     for choice in data.get("choices", []):
         if choice.get("composition") is None:
             choice.pop("composition", None)
+        if choice.get("prompt_logprobs", 0) is None:  # vLLM's field, only where it was asked
+            choice.pop("prompt_logprobs")
     return "data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 
 def finish_reason(events: list[TokenEvent]) -> str | None:
     return events[-1].finish_reason if events else None
+
+
+def stop_reason(events: list[TokenEvent]) -> int | str | None:
+    """vLLM's ``stop_reason``: the stop token id or stop string that ended the choice (None for
+    EOS, length, or a choice still going)."""
+    return events[-1].stop_reason if events else None
+
+
+def token_count(events: list[TokenEvent]) -> int:
+    """Generated tokens among ``events`` (the event of a prompt scored alone carries none)."""
+    return sum(1 for event in events if event.generated)
 
 
 def usage(prompts: list[list[int]], counts: list[int]) -> UsageInfo:
@@ -114,21 +154,75 @@ def add_completion_logprobs(
     offset: int,
     top_n: int,
 ) -> None:
+    """Append each event's token, log-prob, offset and top-n; as OpenAI, the sampled token is in
+    its ``top_logprobs`` even when it is outside the top n (up to n + 1 entries). An event with no
+    token (a prompt scored with ``max_tokens`` 0) adds nothing."""
     for event in events:
+        if not event.generated:
+            continue
         text, _ = token_text(event.token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(event.logprob)
+        out.token_logprobs.append(finite(event.logprob))
         out.text_offset.append(offset)
-        out.top_logprobs.append(
-            {token_text(t)[0]: lp for t, lp in (event.top_logprobs or [])[:top_n]}
-        )
+        top = {token_text(t)[0]: finite(lp) for t, lp in (event.top_logprobs or [])[:top_n]}
+        top.setdefault(text, finite(event.logprob))
+        out.top_logprobs.append(top)
         offset += len(text)
+
+
+def add_prompt_logprobs(
+    out: CompletionLogprobs,
+    prompt_ids: list[int],
+    entries: PromptLogprobs,
+    token_text: TokenText,
+    top_n: int,
+) -> int:
+    """``echo`` with ``logprobs``: append the prompt's tokens before the generated ones, OpenAI's
+    way: the first token's ``token_logprobs`` and ``top_logprobs`` entries are null, the others
+    hold the fused log-prob and the top n {token: lp} plus the prompt token itself (up to n + 1);
+    ``text_offset`` counts the token texts from 0. Returns the offset after the prompt."""
+    offset = 0
+    for token_id, entry in zip(prompt_ids, entries, strict=True):
+        text, _ = token_text(token_id)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(finite(entry.logprob))
+        top = {token_text(t)[0]: finite(lp) for t, lp in entry.top[:top_n]}
+        top.setdefault(text, finite(entry.logprob))
+        out.top_logprobs.append(top)
+    return offset
+
+
+def vllm_prompt_logprobs(
+    entries: PromptLogprobs, token_text: TokenText, top_k: int
+) -> list[dict[str, PromptTokenLogprob] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first token, then per position
+    ``{str(token_id): {logprob, rank, decoded_token}}`` with the top k and the prompt token."""
+    out: list[dict[str, PromptTokenLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        position = {
+            str(t): PromptTokenLogprob(logprob=finite(lp), rank=r, decoded_token=token_text(t)[0])
+            for r, (t, lp) in enumerate(entry.top[:top_k], start=1)
+        }
+        position[str(entry.token_id)] = PromptTokenLogprob(
+            logprob=finite(entry.logprob), rank=entry.rank, decoded_token=token_text(entry.token_id)[0]
+        )
+        out.append(position)
+    return out
 
 
 def chat_logprob(event: TokenEvent, token_text: TokenText, top_n: int) -> ChatTokenLogprob:
     text, raw = token_text(event.token_id)
     top = [
-        TopLogprob(token=token_text(t)[0], logprob=lp, bytes=token_text(t)[1])
+        TopLogprob(token=token_text(t)[0], logprob=finite(lp), bytes=token_text(t)[1])
         for t, lp in (event.top_logprobs or [])[:top_n]
     ]
-    return ChatTokenLogprob(token=text, logprob=event.logprob, bytes=raw, top_logprobs=top)
+    return ChatTokenLogprob(token=text, logprob=finite(event.logprob), bytes=raw, top_logprobs=top)

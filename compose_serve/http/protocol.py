@@ -4,8 +4,9 @@ Fields follow the OpenAI API reference in its order; the vLLM sampling fields Op
 next, and this project's one extension, ``composition``, sits in its own marked block at the end
 of each model that carries it. Requests are strict about types (``"0.5"`` is not a number) and
 ignore fields they do not know, as OpenAI-compatible servers do; ranges are checked once, by
-``SamplingParams``, which names the field. Fields accepted only to be refused with a clear error
-(tools, response formats, suffix) are typed ``Any`` and checked in ``serving.py``.
+``SamplingParams``, which names the field. Known fields that would change the output and are not
+implemented (beam search, ``bad_words``, ``suffix`` ...) are typed ``Any`` so that a request
+setting one gets a 400 naming it (``inputs.refuse_unsupported``), never a silently different reply.
 """
 
 from __future__ import annotations
@@ -53,6 +54,31 @@ class CompletionRequest(_Request):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    add_special_tokens: bool | None = None
+    # -- fields that change the output and are not implemented: refused when set (inputs.py) --
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    early_stopping: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logits_processors: Any = None
+    spaces_between_special_tokens: Any = None
+    prompt_embeds: Any = None
+    # -- structured outputs --
+    response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    guided_json: Any = None  # vLLM: a JSON schema (object or its text)
+    guided_regex: Any = None  # vLLM: a regular expression
+    guided_choice: Any = None  # vLLM: a list of strings
+    guided_grammar: Any = None  # vLLM: an EBNF (root ::= ...) or Lark grammar
+    structured_outputs: Any = None  # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    guided_whitespace_pattern: Any = None  # vLLM: refused (JSON is written compact)
+    # -- prompt log-probs (vLLM) --
+    prompt_logprobs: int | None = None  # every prompt token's log-prob + the top k (0..20)
     # -- compose-serve extension: per-request composition ({"weights": {member: w}} or {"alpha": a})
     composition: dict[str, Any] | None = None
 
@@ -64,10 +90,25 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+# -- structured outputs --
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI and its clients send it
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # -- structured outputs: an assistant's tool calls, and a tool message's answer to one --
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Request):
@@ -97,6 +138,44 @@ class ChatCompletionRequest(_Request):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    add_special_tokens: bool | None = None
+    # -- vLLM chat template controls --
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # -- fields that change the output and are not implemented: refused when set (inputs.py) --
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    early_stopping: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logits_processors: Any = None
+    spaces_between_special_tokens: Any = None
+    echo: Any = None
+    documents: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    functions: Any = None
+    function_call: Any = None
+    # -- structured outputs --
+    parallel_tool_calls: bool | None = None  # accepted; one call per reply is always allowed
+    guided_json: Any = None  # vLLM: a JSON schema (object or its text)
+    guided_regex: Any = None  # vLLM: a regular expression
+    guided_choice: Any = None  # vLLM: a list of strings
+    guided_grammar: Any = None  # vLLM: an EBNF (root ::= ...) or Lark grammar
+    structured_outputs: Any = None  # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    guided_whitespace_pattern: Any = None  # vLLM: refused (JSON is written compact)
+    # -- prompt log-probs (vLLM) --
+    prompt_logprobs: int | None = None  # every prompt token's log-prob + the top k (0..20)
     # -- compose-serve extension: per-request composition ({"weights": {member: w}} or {"alpha": a})
     composition: dict[str, Any] | None = None
 
@@ -118,6 +197,15 @@ class CompositionDiagnostics(_Response):
     gate_mean: dict[str, float] | None = None
 
 
+class PromptTokenLogprob(_Response):
+    """vLLM's ``Logprob`` in ``prompt_logprobs``: a token's log-prob at a prompt position, its
+    rank (1 = the most likely) and its text; keyed by the token id as a string."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -130,6 +218,9 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop token id or string that ended it
+    # -- prompt log-probs (vLLM): per prompt token, None for the first --
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None
     # -- compose-serve extension --
     composition: CompositionDiagnostics | None = None
 
@@ -141,6 +232,7 @@ class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -160,11 +252,49 @@ class ChatTokenLogprob(_Response):
 
 class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+# -- structured outputs --
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _present_only(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(_Response):
+    """A streamed tool call piece: the first names it (id, type, function.name), the next ones
+    add to ``function.arguments``; ``index`` says which call of the message it belongs to."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _present_only(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None  # -- structured outputs --
 
 
 class ChatChoice(_Response):
@@ -172,6 +302,7 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop token id or string that ended it
     # -- compose-serve extension --
     composition: CompositionDiagnostics | None = None
 
@@ -181,13 +312,17 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageInfo
+    # -- prompt log-probs (vLLM: on the response, the prompt being one for every choice) --
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None
 
 
 class DeltaMessage(_Response):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None  # -- structured outputs --
 
     @model_serializer(mode="wrap")
     def _present_only(self, handler):  # a delta lists only what it changes
@@ -199,6 +334,7 @@ class ChatChunkChoice(_Response):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     # -- compose-serve extension --
     composition: CompositionDiagnostics | None = None
 
@@ -208,6 +344,7 @@ class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
 
@@ -228,6 +365,43 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- /tokenize, /detokenize, /version (vLLM's shapes) --------------------------------------------
+class TokenizeRequest(_Request):
+    """vLLM's two tokenize bodies in one: ``prompt`` (completions) or ``messages`` (chat, the
+    chat template applied as /v1/chat/completions does). ``model`` may be left out when one
+    composition is served."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = False
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class VersionResponse(_Response):
+    version: str
 
 
 # -- errors -------------------------------------------------------------------------------------

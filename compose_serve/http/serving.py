@@ -15,7 +15,12 @@ Per HTTP request (``OpenAIServing.create_completion`` / ``create_chat_completion
      logprobs, usage, the ``composition`` diagnostics); with ``stream``: an ``EventStream`` of
      SSE chunks as tokens arrive, the usage chunk when ``stream_options.include_usage``, then
      ``[DONE]``; a failure after the first byte is sent as one error event and the stream ends.
-Usage counts each prompt once and every generated token (one TokenEvent is one token).
+Usage counts each prompt once and every generated token (one TokenEvent is one token, but the
+event of a prompt scored with ``max_tokens`` 0, which carries none).
+Prompt log-probs ride on a choice's first event: ``echo`` with ``logprobs`` puts the prompt's
+tokens first in the completions ``logprobs`` (the first token's entries null; in a stream, in the
+choice's first chunk with the echoed text), and vLLM's ``prompt_logprobs`` field returns vLLM's
+shape (per choice on completions, on the response for chat; refused with ``stream``, as vLLM does).
 Every exception becomes OpenAI's error JSON in ``error_response`` and nowhere else.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -32,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .. import __version__
 from ..engine.sequence import Request, TokenEvent
 from ..errors import (
     AuthenticationError,
@@ -48,22 +55,29 @@ from .catalog import ModelCatalog
 from .inputs import (
     chat_prompt_ids,
     completion_prompts,
+    prompt_logprobs_of,
     prompt_texts,
     refuse_invalid_text,
     refuse_unsupported_chat,
     refuse_unsupported_completion,
     renamed,
     sampling_params,
+    truncated,
 )
 from .outputs import (
+    TokenIdText,
     TokenText,
     add_completion_logprobs,
+    add_prompt_logprobs,
     chat_logprob,
     diagnostics,
     finish_reason,
     mean_diagnostics,
     sse,
+    stop_reason,
+    token_count,
     usage,
+    vllm_prompt_logprobs,
 )
 from .protocol import (
     AssistantMessage,
@@ -78,11 +92,16 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     UsageInfo,
 )
+from .structured_io import ToolPlan, ToolStream, structured_spec, tool_plan, tool_reply
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +124,11 @@ class _Job:
     logprobs: int | None  # top-n asked for, None when no log-probs
     include_usage: bool
     echo: list[str] | None = None  # completions: each choice's prompt text
+    fingerprint: str | None = None  # system_fingerprint: the server build and the composition
+    token_ids_as_text: bool = False  # return_tokens_as_token_ids
+    #: vLLM's ``prompt_logprobs`` (top k) asked for: the response carries them in vLLM's shape
+    prompt_logprobs: int | None = None
+    tools: ToolPlan | None = None  # structured outputs: chat tools and tool_choice
 
 
 class OpenAIServing:
@@ -124,7 +148,7 @@ class OpenAIServing:
         self, body: CompletionRequest, disconnected: Disconnected | None = None
     ):
         """A CompletionResponse, or an EventStream of SSE lines when ``body.stream``."""
-        job = await _off_loop(self._completion_job, body)
+        job = await off_loop(self._completion_job, body)
         streams = await self._admit(job)
         if body.stream:
             return EventStream(self._completion_chunks(job, streams), streams)
@@ -137,14 +161,24 @@ class OpenAIServing:
         info, member = self.catalog.resolve(body.model)
         refuse_unsupported_completion(body)
         tokenizer = self.backend.tokenizer(info.name)
-        prompts = completion_prompts(tokenizer, body.prompt, info.vocab_size)
-        params = sampling_params(
-            body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs, {}
+        prompts = completion_prompts(
+            tokenizer, body.prompt, info.vocab_size, body.add_special_tokens is not False
         )
+        cut = [truncated(ids, body.truncate_prompt_tokens, info.max_context) for ids in prompts]
+        cut_any = any(len(c) < len(ids) for c, ids in zip(cut, prompts, strict=True))
+        prompts = cut
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        prompt_n = prompt_logprobs_of(body, max_tokens)  # echo + logprobs: the prompt's too
+        renames = {}  # an error about prompt log-probs the request did not name names its field
+        if body.prompt_logprobs is None:
+            renames["prompt_logprobs"] = "echo" if body.logprobs is None else "logprobs"
+        params = sampling_params(body, max_tokens, body.logprobs, renames, prompt_n)
+        params = replace(params, structured=structured_spec(body))  # structured outputs
         job = self._job("cmpl", body, info, member, tokenizer, prompts, params, body.logprobs)
-        self._check(job, {})
-        if body.echo:
-            texts = prompt_texts(tokenizer, body.prompt, prompts)
+        job.prompt_logprobs = body.prompt_logprobs
+        self._check(job, renames)
+        if body.echo:  # a truncated prompt is echoed as the model saw it
+            texts = prompt_texts(tokenizer, prompts if cut_any else body.prompt, prompts)
             job.echo = [texts[c // params.n] for c in range(len(job.requests))]
         return job
 
@@ -153,9 +187,14 @@ class OpenAIServing:
         choices = []
         for c, choice_events in enumerate(events):
             prefix = job.echo[c] if job.echo else ""
+            prompt_lps = _prompt_logprobs(choice_events)
             logprobs = None
             if job.logprobs is not None:
                 logprobs = CompletionLogprobs()
+                if job.echo and prompt_lps is not None:  # the prompt's tokens come first
+                    add_prompt_logprobs(
+                        logprobs, job.requests[c].prompt_ids, prompt_lps, token_text, job.logprobs
+                    )
                 add_completion_logprobs(
                     logprobs, choice_events, token_text, len(prefix), job.logprobs
                 )
@@ -165,6 +204,8 @@ class OpenAIServing:
                     text=prefix + "".join(e.text for e in choice_events),
                     logprobs=logprobs,
                     finish_reason=finish_reason(choice_events),
+                    stop_reason=stop_reason(choice_events),
+                    prompt_logprobs=self._vllm_prompt_logprobs(job, prompt_lps, token_text),
                     composition=mean_diagnostics(choice_events),
                 )
             )
@@ -172,8 +213,9 @@ class OpenAIServing:
             id=job.id,
             created=int(time.time()),
             model=job.model,
+            system_fingerprint=job.fingerprint,
             choices=choices,
-            usage=usage(job.prompts, [len(e) for e in events]),
+            usage=usage(job.prompts, [token_count(e) for e in events]),
         )
 
     async def _completion_chunks(self, job: _Job, streams) -> AsyncIterator[str]:
@@ -184,29 +226,48 @@ class OpenAIServing:
         def chunk(choices: list[CompletionChoice], totals: UsageInfo | None = None) -> str:
             return sse(
                 CompletionResponse(
-                    id=job.id, created=created, model=job.model, choices=choices, usage=totals
+                    id=job.id,
+                    created=created,
+                    model=job.model,
+                    system_fingerprint=job.fingerprint,
+                    choices=choices,
+                    usage=totals,
                 ),
                 job.include_usage,
             )
 
-        for c, text in enumerate(job.echo or []):
-            yield chunk([CompletionChoice(index=c, text=text)])
+        # echo with logprobs: the prompt's text and log-probs wait for the choice's first event,
+        # which carries them, and go out in one first chunk with it; plain echo goes out at once
+        echo_first = [bool(job.echo) and job.logprobs is not None] * len(job.requests)
+        if not any(echo_first):
+            for c, text in enumerate(job.echo or []):
+                yield chunk([CompletionChoice(index=c, text=text)])
         async with contextlib.aclosing(_merge(streams)) as events:
             async for c, event in events:
-                counts[c] += 1
-                logprobs = None
+                counts[c] += token_count([event])
+                head, logprobs = "", None
                 if job.logprobs is not None:
                     logprobs = CompletionLogprobs()
+                    prompt_lps = event.prompt_logprobs
+                    if echo_first[c] and prompt_lps is not None:
+                        prompt_ids = job.requests[c].prompt_ids
+                        add_prompt_logprobs(
+                            logprobs, prompt_ids, prompt_lps, token_text, job.logprobs
+                        )
+                    start = len(logprobs.tokens)
                     add_completion_logprobs(logprobs, [event], token_text, offsets[c], job.logprobs)
-                    offsets[c] += len(logprobs.tokens[0])
-                if event.text or logprobs is not None or event.finish_reason:
+                    offsets[c] += sum(len(t) for t in logprobs.tokens[start:])
+                if echo_first[c]:
+                    head, echo_first[c] = job.echo[c], False
+                if head or event.text or logprobs is not None or event.finish_reason:
                     yield chunk(
                         [
                             CompletionChoice(
                                 index=c,
-                                text=event.text,
+                                text=head + event.text,
                                 logprobs=logprobs,
                                 finish_reason=event.finish_reason,
+                                stop_reason=event.stop_reason,
                                 composition=diagnostics(event.diagnostics),
                             )
                         ]
@@ -220,7 +281,7 @@ class OpenAIServing:
         self, body: ChatCompletionRequest, disconnected: Disconnected | None = None
     ):
         """A ChatCompletionResponse, or an EventStream of SSE lines when ``body.stream``."""
-        job = await _off_loop(self._chat_job, body)
+        job = await off_loop(self._chat_job, body)
         streams = await self._admit(job)
         if body.stream:
             return EventStream(self._chat_chunks(job, streams), streams)
@@ -233,7 +294,17 @@ class OpenAIServing:
         info, member = self.catalog.resolve(body.model)
         refuse_unsupported_chat(body)
         tokenizer = self.backend.tokenizer(info.name)
-        prompt_ids = chat_prompt_ids(tokenizer, body.messages)
+        plan = tool_plan(body.tools, body.tool_choice)  # structured outputs: tools, tool_choice
+        prompt_ids = chat_prompt_ids(
+            tokenizer,
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template=body.chat_template,
+            template_kwargs=body.chat_template_kwargs,
+            tools=plan,
+        )
+        prompt_ids = truncated(prompt_ids, body.truncate_prompt_tokens, info.max_context)
         max_tokens, max_field = body.max_completion_tokens, "max_completion_tokens"
         if max_tokens is None:
             max_tokens, max_field = body.max_tokens, "max_tokens"
@@ -247,9 +318,16 @@ class OpenAIServing:
                 )
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(
-            body, max_tokens, top, {"max_tokens": max_field, "logprobs": "top_logprobs"}
+            body,
+            max_tokens,
+            top,
+            {"max_tokens": max_field, "logprobs": "top_logprobs"},
+            body.prompt_logprobs,
         )
+        params = replace(params, structured=structured_spec(body, plan))  # structured outputs
         job = self._job("chatcmpl", body, info, member, tokenizer, [prompt_ids], params, top)
+        job.tools = plan
+        job.prompt_logprobs = body.prompt_logprobs
         self._check(job, {"max_tokens": max_field, "prompt": "messages"})
         return job
 
@@ -262,19 +340,29 @@ class OpenAIServing:
                 logprobs=None
                 if job.logprobs is None
                 else ChatLogprobs(
-                    content=[chat_logprob(e, token_text, job.logprobs) for e in choice_events]
+                    content=[
+                        chat_logprob(e, token_text, job.logprobs)
+                        for e in choice_events
+                        if e.generated
+                    ]
                 ),
                 finish_reason=finish_reason(choice_events),
+                stop_reason=stop_reason(choice_events),
                 composition=mean_diagnostics(choice_events),
             )
             for c, choice_events in enumerate(events)
         ]
+        for choice in choices:  # structured outputs: a reply that is a call becomes tool_calls
+            tool_reply(choice, job.tools)
+        prompt_lps = _prompt_logprobs(events[0]) if events else None  # one prompt: any choice's
         return ChatCompletionResponse(
             id=job.id,
             created=int(time.time()),
             model=job.model,
+            system_fingerprint=job.fingerprint,
             choices=choices,
-            usage=usage(job.prompts, [len(e) for e in events]),
+            usage=usage(job.prompts, [token_count(e) for e in events]),
+            prompt_logprobs=self._vllm_prompt_logprobs(job, prompt_lps, token_text),
         )
 
     async def _chat_chunks(self, job: _Job, streams) -> AsyncIterator[str]:
@@ -284,7 +372,12 @@ class OpenAIServing:
         def chunk(choices: list[ChatChunkChoice], totals: UsageInfo | None = None) -> str:
             return sse(
                 ChatCompletionChunk(
-                    id=job.id, created=created, model=job.model, choices=choices, usage=totals
+                    id=job.id,
+                    created=created,
+                    model=job.model,
+                    system_fingerprint=job.fingerprint,
+                    choices=choices,
+                    usage=totals,
                 ),
                 job.include_usage,
             )
@@ -293,20 +386,22 @@ class OpenAIServing:
             yield chunk(
                 [ChatChunkChoice(index=c, delta=DeltaMessage(role="assistant", content=""))]
             )
+        tool_stream = ToolStream(job.tools, len(job.requests))  # structured outputs: tool calls
         async with contextlib.aclosing(_merge(streams)) as events:
             async for c, event in events:
-                counts[c] += 1
+                counts[c] += token_count([event])
                 logprobs = None
-                if job.logprobs is not None:
+                if job.logprobs is not None and event.generated:
                     logprobs = ChatLogprobs(content=[chat_logprob(event, token_text, job.logprobs)])
                 if event.text or logprobs is not None or event.finish_reason:
                     yield chunk(
                         [
                             ChatChunkChoice(
                                 index=c,
-                                delta=DeltaMessage(content=event.text),
+                                delta=tool_stream.delta(c, event),
                                 logprobs=logprobs,
-                                finish_reason=event.finish_reason,
+                                finish_reason=tool_stream.finish(c, event),
+                                stop_reason=event.stop_reason,
                                 composition=diagnostics(event.diagnostics),
                             )
                         ]
@@ -353,9 +448,18 @@ class OpenAIServing:
                     )
                 )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _Job(
+        job = _Job(
             job_id, body.model, info.name, tokenizer, prompts, requests, logprobs, include_usage
         )
+        job.fingerprint = self._fingerprint(info)
+        job.token_ids_as_text = bool(body.return_tokens_as_token_ids)
+        return job
+
+    def _fingerprint(self, info: CompositionInfo) -> str:
+        """OpenAI's ``system_fingerprint``: changes when the server build or what the
+        composition serves changes (its name, members, method, context)."""
+        digest = hashlib.sha256(f"{__version__}|{info!r}".encode()).hexdigest()
+        return f"fp_{digest[:10]}"
 
     def _check(self, job: _Job, renames: dict[str, str]) -> None:
         """Every prompt of the job passes the admission checks before any request is queued
@@ -379,13 +483,80 @@ class OpenAIServing:
             raise
         return streams
 
-    def _tokens(self, job: _Job) -> TokenText:
+    # -- /tokenize, /detokenize --------------------------------------------------------------
+    def _default_model(self, model: str | None, field: str = "model") -> CompositionInfo:
+        """``model`` resolved; left out, the one composition served (else a 400 naming it)."""
+        if model is not None:
+            return self.catalog.resolve(model)[0]
+        served = self.backend.compositions()
+        if len(served) != 1:
+            raise InvalidRequestError(
+                f"model is required: {len(served)} compositions are served", param=field
+            )
+        return served[0]
+
+    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: the ids the server would give the model for ``prompt`` or for
+        ``messages`` through the chat template (no truncation, no context check)."""
+        refuse_invalid_text(body)
+        info = self._default_model(body.model)
+        tokenizer = self.backend.tokenizer(info.name)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        else:
+            ids = chat_prompt_ids(
+                tokenizer,
+                body.messages,
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                chat_template=body.chat_template,
+                template_kwargs=body.chat_template_kwargs,
+            )
+        strs = None
+        if body.return_token_strs:
+            strs = tokenizer.convert_ids_to_tokens(ids)
+        return TokenizeResponse(
+            count=len(ids), max_model_len=info.max_context, tokens=list(ids), token_strs=strs
+        )
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's /detokenize: ids -> text; ids outside the vocabulary are a 400."""
+        info = self._default_model(body.model)
+        tokenizer = self.backend.tokenizer(info.name)
+        ids = list(body.tokens)
+        bad = [t for t in ids if t < 0 or (info.vocab_size is not None and t >= info.vocab_size)]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {info.vocab_size})",
+                param="tokens",
+            )
+        try:
+            return DetokenizeResponse(prompt=tokenizer.decode(ids))
+        except Exception as exc:  # a tokenizer that cannot decode some id
+            raise InvalidRequestError(f"tokens could not be decoded: {exc}", param="tokens") from None
+
+    def _tokens(self, job: _Job) -> TokenText | TokenIdText:
         if job.composition not in self._token_text:
             self._token_text[job.composition] = TokenText(job.tokenizer)
-        return self._token_text[job.composition]
+        token_text = self._token_text[job.composition]
+        return TokenIdText(token_text) if job.token_ids_as_text else token_text
+
+    @staticmethod
+    def _vllm_prompt_logprobs(job: _Job, entries, token_text) -> list | None:
+        """vLLM's ``prompt_logprobs`` for a response, when the request set that field."""
+        if job.prompt_logprobs is None or entries is None:
+            return None
+        return vllm_prompt_logprobs(entries, token_text, job.prompt_logprobs)
 
 
-async def _off_loop(prepare, body):
+def _prompt_logprobs(events: list[TokenEvent]):
+    """The prompt log-probs a choice's first event carries (None when not asked)."""
+    return events[0].prompt_logprobs if events else None
+
+
+async def off_loop(prepare, body):
     """Run ``prepare(body)`` (tokenizer, chat template: CPU work that grows with the prompt) in a
     worker thread, so that a long prompt never stalls the other streams nor /health."""
     return await asyncio.get_running_loop().run_in_executor(_PREPARE, prepare, body)

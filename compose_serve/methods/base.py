@@ -56,6 +56,18 @@ class Method(ABC):
     @abstractmethod
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused: ...
 
+    def raw_shift(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """``[B]`` float32 such that ``Fused.logprobs + raw_shift`` are the row's fused scores on
+        the raw logit scale, which vLLM's repetition penalty acts on (its sign matters): here
+        ``sum_k w_k logsumexp(z_k)``, which gives a member alone exactly its own logits back.
+        Computed only for batches where some row has a repetition penalty."""
+        shift = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
+        for k, z in enumerate(member_logits):
+            w = weights[:, k].to(shift.device)
+            if bool((w != 0).any()):
+                shift += w * torch.logsumexp(z.float(), dim=-1).to(shift.device)
+        return shift
+
     @abstractmethod
     def default_weights(self) -> list[float]:
         """The per-row weights of a request that overrides nothing."""

@@ -27,6 +27,11 @@ class LogitMix(Method):
     def default_weights(self) -> list[float]:
         return list(self.weights)
 
+    def raw_shift(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Exact: ``log_softmax(s) + logsumexp(s) = s`` for ``s = sum_k w_k z_k``."""
+        raw = sum(weights[:, k : k + 1].to(z.device) * z.float() for k, z in enumerate(member_logits))
+        return torch.logsumexp(raw, dim=-1).to(weights.device)
+
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
         one_hot = self.one_hot_rows(member_logits, weights)
         if one_hot is not None:

@@ -43,6 +43,13 @@ class Mixture(Method):
             raise InvalidRequestError(exc.message, param=exc.param) from None
         return values
 
+    def raw_shift(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k w_k logsumexp(z_k / T_k)``: a member alone gets its own tempered logits back."""
+        if self._plain_temperatures:
+            return super().raw_shift(member_logits, weights)
+        scaled = [z.float() / t for z, t in zip(member_logits, self.temperatures.tolist(), strict=True)]
+        return super().raw_shift(scaled, weights)
+
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
         temperatures = None if self._plain_temperatures else self.temperatures.to(weights.device)
         if self.dynamic == "entropy":

@@ -10,6 +10,8 @@
   plausibility cut, PackLLM weights (``prompt_perplexity``) come from each member's mean NLL over
   the row's prompt, as the engine computes it at prefill, and a routed composition's weights from
   its router over the row's prompt (members no row was routed to are not run).
+  The scoring is ``engine.scoring.fused_positions``: the one teacher-forcing path, shared with the
+  engine's prompt log-probs (``SamplingParams.prompt_logprobs``).
 
 Any method is a teacher this way, including those that cannot be distilled member by member
 (logit arithmetic, IMSM). ``teacher_kl`` measures a second composition (a student, a specialist, a
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..engine.scoring import fused_positions
 from ..errors import ConfigError
 from .lora import IGNORE, collate, encode_example
 from .tasks import Example
@@ -70,28 +73,10 @@ class FusedTeacher:
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor, select: torch.Tensor
     ) -> torch.Tensor:
-        vocab = self.vocab_size
-        rows_of = select.nonzero()[:, 0]  # [N]: the batch row of each scored position
-        routed = self.route(ids, prompt) if self.routed else None  # [B, K]
-        logits, nll = [], []
-        for k, member in enumerate(self.composition.members):
-            if routed is not None and not routed[:, k].any():  # no row runs this member
-                logits.append(torch.zeros((len(rows_of), vocab)))
-            elif self.method.uses_prompt_nll:
-                full = member.sequence_logits(ids, mask, prompt)[..., :vocab]  # [B, T, V]
-                nll.append(prompt_nll(full, ids, prompt))
-                logits.append(full[select.to(full.device)])
-            else:
-                logits.append(member.sequence_logits(ids, mask, prompt, select)[:, :vocab])
-        if self.method.uses_prompt_nll:
-            per_row = self.method.weights_from_prompt_nll(torch.stack(nll, dim=1).cpu(), self.method.tau)
-            weights = per_row[rows_of]  # [N, K]
-        elif routed is not None:
-            weights = routed[rows_of]  # [N, K]
-        else:
-            weights = self.weights.expand(len(rows_of), -1).clone()  # [N, K]
-        device = next(t.device for t, sc in zip(logits, weights.T, strict=True) if sc.any())
-        return self.method.fuse([t.to(device) for t in logits], weights.to(device)).logprobs.float()
+        rows = ids.shape[0]
+        weights = self.route(ids, prompt) if self.routed else self.weights.expand(rows, -1)  # [B, K]
+        from_nll = torch.ones(rows, dtype=torch.bool) if self.method.uses_prompt_nll else None
+        return fused_positions(self.composition, ids, mask, prompt, select, weights, from_nll).logprobs
 
     def route(self, ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """A routed composition's weights ``[B, K]`` from its router over each row's prompt."""
@@ -99,16 +84,6 @@ class FusedTeacher:
         prompts = [row[keep].tolist() for row, keep in zip(ids, prompt.bool(), strict=True)]
         features = self.composition.prompt_features(prompts, router.layer, router.pooling)
         return self.method.route(router.probs(features.float().cpu()))
-
-
-def prompt_nll(logits: torch.Tensor, ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over each row's prompt ``[B]``, from ``logits [B, T, V]``: the pairs
-    (t, t+1) that both lie in the prompt, as ``HFMember.prompt_nll`` counts them at prefill."""
-    ids, prompt = ids.to(logits.device), prompt.to(logits.device)
-    pairs = (prompt[:, :-1] & prompt[:, 1:]).float()  # [B, T-1]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return -(picked * pairs).sum(1) / pairs.sum(1).clamp_min(1)
 
 
 def forward_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:

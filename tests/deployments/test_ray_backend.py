@@ -256,3 +256,26 @@ def test_a_hung_member_replica_times_out_instead_of_wedging_the_step():
     with pytest.raises(TimeoutError, match="member 'a' did not answer within 0.1 s"):
         pending.result()
     assert hung.cancelled
+
+
+def test_a_prompt_scored_with_max_tokens_zero_crosses_the_ingress(backend, tiny):
+    """The one event of a ``max_tokens: 0`` request (no token, the prompt's log-probs), made by a
+    real engine and pickled as Ray carries it, through the ingress to an echo response."""
+    import pickle
+
+    from compose_serve.composition import build_composition
+    from compose_serve.engine import Engine
+
+    engine = Engine(build_composition(backend.specs["mix"]), max_batch=1)
+    ids = [5, 6, 7]
+    (event,) = engine.add([Request(ids, SamplingParams(max_tokens=0, prompt_logprobs=1))])
+    backend.fake.streams = [FakeStream([ADMITTED, [pickle.loads(pickle.dumps(event))]])]
+    body = CompletionRequest(model="mix", prompt=ids, echo=True, logprobs=1, max_tokens=0)
+    out = asyncio.run(OpenAIServing(backend).create_completion(body))
+    choice = out.choices[0]
+    assert choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == [e.logprob for e in event.prompt_logprobs[1:]]
+    text = backend.serving_metrics.render()[0].decode()
+    assert 'compose_serve:request_success_total{finished_reason="length",model_name="mix"} 1.0' in text
+    assert 'compose_serve:generation_tokens_total{model_name="mix"} 0.0' in text

@@ -70,7 +70,13 @@ BAD = [
         "composition",
         "member",
     ),
-    ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    (  # structured outputs: tools are served; a malformed one is named
+        "chat/completions",
+        {**CHAT, "tools": [{"type": "function"}]},
+        400,
+        "tools.0.function",
+        "must be an object",
+    ),
     (
         "chat/completions",
         {**CHAT, "stream_options": {"include_usage": True}},
@@ -85,7 +91,15 @@ BAD = [
     ("completions", {**COMPLETION, "prompt": "x " * 300}, 400, "prompt", "context length"),  # alone too long
     ("completions", {**COMPLETION, "logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
     ("completions", {**COMPLETION, "stop": ["a"] * 20}, 400, "stop", "16"),
-    ("completions", {**COMPLETION, "echo": True, "logprobs": 1}, 400, "echo", "not supported"),
+    (  # echo with logprobs is served (prompt log-probs); vLLM's field refuses a stream, as vLLM
+        "completions",
+        {**COMPLETION, "prompt_logprobs": 1, "stream": True},
+        400,
+        "prompt_logprobs",
+        "stream",
+    ),
+    ("completions", {**COMPLETION, "prompt_logprobs": 21}, 400, "prompt_logprobs", "20"),
+    ("completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens", "1"),
     ("completions", {**COMPLETION, "suffix": "x"}, 400, "suffix", "not supported"),
     ("completions", {**COMPLETION, "seed": 1.5}, 400, "seed", "integer"),
     ("completions", {**COMPLETION, "n": 1000}, 400, "n", "64"),
