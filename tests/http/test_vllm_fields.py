@@ -250,3 +250,25 @@ def test_version(live):
     import compose_serve
 
     assert httpx.get(live.url + "/version").json() == {"version": compose_serve.__version__}
+
+
+def test_langchain_passes_min_tokens_and_include_stop_str_through(live, oai):
+    """LangChain's ChatOpenAI sends vLLM's fields in ``extra_body``; the reply is the one the
+    openai client gets for the same body."""
+    from langchain_openai import ChatOpenAI
+
+    fields = {"min_tokens": 6, "ignore_eos": True, "include_stop_str_in_output": True}
+    plain = oai.chat.completions.create(
+        model="a", messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    ).choices[0].message.content
+    stop = plain[6:8]
+    assert stop.strip(), f"pick another slice of {plain!r}"
+    chat = ChatOpenAI(base_url=live.base_url, api_key="x", model="a", max_tokens=12,
+                      temperature=0, stop=[stop], extra_body=fields)
+    got = chat.invoke(MESSAGES)
+    want = oai.chat.completions.create(
+        model="a", messages=MESSAGES, max_tokens=12, temperature=0, stop=[stop], extra_body=fields
+    ).choices[0]
+    assert got.content == want.message.content and got.content.endswith(stop)
+    assert got.response_metadata["finish_reason"] == want.finish_reason == "stop"
+    assert want.model_extra["stop_reason"] == stop
