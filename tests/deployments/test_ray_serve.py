@@ -183,3 +183,25 @@ def test_sigkilled_replica_ends_each_stream_and_health_keeps_answering(ray_serve
     assert other.usage.completion_tokens >= 1 and again.usage.completion_tokens >= 1
     assert all(status == 503 for status, _ in attempts) and all(seconds < 6 for _, seconds in attempts)
     assert max(seconds for _, seconds in health) < 1.0 and 503 in {status for status, _ in health}
+
+
+def test_prompt_logprobs_and_structured_outputs_under_ray(ray_server, tiny):
+    """Issue 14 through Ray's proxy: echo + logprobs with max_tokens 0 equal the library engine's
+    prompt log-probs (colocated); a distributed composition, whose members score one position at
+    a time, refuses them with a 400 naming the field; a guided choice holds on both placements."""
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    engine = Engine(build_composition(parse_composition(_spec(tiny, "lib", "colocated"))), max_batch=2)
+    ids = tok.encode("The quick brown fox")
+    [want] = engine.generate([Request(ids, SamplingParams(max_tokens=0, prompt_logprobs=1))])
+    echo = ray_server.completions.create(model="colo", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    got = echo.choices[0].logprobs.token_logprobs
+    assert got[0] is None and echo.usage.completion_tokens == 0
+    assert got[1:] == pytest.approx([p.logprob for p in want.prompt_logprobs[1:]], abs=1e-5)
+    with pytest.raises(openai.BadRequestError) as err:
+        ray_server.completions.create(model="dist", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    assert err.value.body["param"] == "prompt_logprobs"
+    for model in ("colo", "dist"):
+        chat = ray_server.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Pick one."}], max_tokens=8,
+            extra_body={"guided_choice": ["alpha", "beta"]})
+        assert chat.choices[0].message.content in ("alpha", "beta")
