@@ -155,6 +155,17 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
+def template_options(body) -> dict[str, Any]:
+    """vLLM's chat-template controls of a request body (chat completions, /tokenize), as the
+    keyword arguments of ``chat_prompt_ids``."""
+    return {
+        "add_generation_prompt": body.add_generation_prompt,
+        "continue_final_message": body.continue_final_message,
+        "chat_template": body.chat_template,
+        "template_kwargs": body.chat_template_kwargs,
+    }
+
+
 def chat_prompt_ids(
     tokenizer,
     messages: list[ChatMessage],

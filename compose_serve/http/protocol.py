@@ -1,8 +1,9 @@
 """OpenAI wire models (pydantic), nothing else: requests in, responses and stream chunks out.
 
-Fields follow the OpenAI API reference in its order; the vLLM sampling fields OpenAI lacks come
-next, and this project's one extension, ``composition``, sits in its own marked block at the end
-of each model that carries it. Requests are strict about types (``"0.5"`` is not a number) and
+Each request model lists OpenAI's fields in the API reference's order, then its own extensions;
+what both generation routes take beyond OpenAI (vLLM's sampling and structured-output fields,
+prompt log-probs, the refused fields, and this project's one extension, ``composition``) is
+declared once, in ``_Extensions``. Requests are strict about types (``"0.5"`` is not a number) and
 ignore fields they do not know, as OpenAI-compatible servers do; ranges are checked once, by
 ``SamplingParams``, which names the field. Known fields that would change the output and are not
 implemented (beam search, ``bad_words``, ``suffix`` ...) are typed ``Any`` so that a request
@@ -28,8 +29,47 @@ class StreamOptions(_Request):
     include_usage: bool | None = False
 
 
+# -- what both generation routes take beyond OpenAI's fields -------------------------------------
+class _Extensions(_Request):
+    """vLLM's sampling and structured-output fields, prompt log-probs, the known fields that are
+    refused (they would change the output and are not implemented), and this project's
+    ``composition``: the same on /v1/completions and /v1/chat/completions."""
+
+    # -- vLLM sampling extensions --
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    add_special_tokens: bool | None = None
+    # -- structured outputs (vLLM) --
+    guided_json: Any = None  # a JSON schema (object or its text)
+    guided_regex: Any = None  # a regular expression
+    guided_choice: Any = None  # a list of strings
+    guided_grammar: Any = None  # an EBNF (root ::= ...) or Lark grammar
+    structured_outputs: Any = None  # {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    guided_whitespace_pattern: Any = None  # refused (JSON is written compact)
+    # -- prompt log-probs (vLLM) --
+    prompt_logprobs: int | None = None  # every prompt token's log-prob + the top k (0..20)
+    # -- fields that change the output and are not implemented: refused when set (inputs.py) --
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    early_stopping: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logits_processors: Any = None
+    spaces_between_special_tokens: Any = None
+    # -- compose-serve extension: per-request composition ({"weights": {member: w}} or {"alpha": a})
+    composition: dict[str, Any] | None = None
+
+
 # -- /v1/completions ----------------------------------------------------------------------------
-class CompletionRequest(_Request):
+class CompletionRequest(_Extensions):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = None
@@ -44,43 +84,14 @@ class CompletionRequest(_Request):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    suffix: Any = None
+    suffix: Any = None  # refused: insertion is not implemented
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
-    # -- vLLM sampling extensions --
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    truncate_prompt_tokens: int | None = None
-    return_tokens_as_token_ids: bool | None = None
-    add_special_tokens: bool | None = None
-    # -- fields that change the output and are not implemented: refused when set (inputs.py) --
-    use_beam_search: Any = None
-    length_penalty: Any = None
-    early_stopping: Any = None
-    bad_words: Any = None
-    allowed_token_ids: Any = None
-    logits_processors: Any = None
-    spaces_between_special_tokens: Any = None
-    prompt_embeds: Any = None
-    # -- structured outputs --
+    # -- structured outputs: vLLM takes OpenAI's chat field on completions too --
     response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", ...}
-    guided_json: Any = None  # vLLM: a JSON schema (object or its text)
-    guided_regex: Any = None  # vLLM: a regular expression
-    guided_choice: Any = None  # vLLM: a list of strings
-    guided_grammar: Any = None  # vLLM: an EBNF (root ::= ...) or Lark grammar
-    structured_outputs: Any = None  # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
-    guided_whitespace_pattern: Any = None  # vLLM: refused (JSON is written compact)
-    # -- prompt log-probs (vLLM) --
-    prompt_logprobs: int | None = None  # every prompt token's log-prob + the top k (0..20)
-    # -- compose-serve extension: per-request composition ({"weights": {member: w}} or {"alpha": a})
-    composition: dict[str, Any] | None = None
+    # -- refused when set (inputs.py) --
+    prompt_embeds: Any = None
 
 
 # -- /v1/chat/completions -----------------------------------------------------------------------
@@ -111,7 +122,7 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_Extensions):
     messages: list[ChatMessage]
     model: str
     frequency_penalty: float | None = None
@@ -132,31 +143,13 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = None
     top_p: float | None = None
     user: str | None = None
-    # -- vLLM sampling extensions --
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    truncate_prompt_tokens: int | None = None
-    return_tokens_as_token_ids: bool | None = None
-    add_special_tokens: bool | None = None
+    parallel_tool_calls: bool | None = None  # accepted; one call per reply is always allowed
     # -- vLLM chat template controls --
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # -- fields that change the output and are not implemented: refused when set (inputs.py) --
-    use_beam_search: Any = None
-    length_penalty: Any = None
-    early_stopping: Any = None
-    bad_words: Any = None
-    allowed_token_ids: Any = None
-    logits_processors: Any = None
-    spaces_between_special_tokens: Any = None
+    # -- refused when set (inputs.py) --
     echo: Any = None
     documents: Any = None
     audio: Any = None
@@ -166,18 +159,6 @@ class ChatCompletionRequest(_Request):
     reasoning_effort: Any = None
     functions: Any = None
     function_call: Any = None
-    # -- structured outputs --
-    parallel_tool_calls: bool | None = None  # accepted; one call per reply is always allowed
-    guided_json: Any = None  # vLLM: a JSON schema (object or its text)
-    guided_regex: Any = None  # vLLM: a regular expression
-    guided_choice: Any = None  # vLLM: a list of strings
-    guided_grammar: Any = None  # vLLM: an EBNF (root ::= ...) or Lark grammar
-    structured_outputs: Any = None  # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
-    guided_whitespace_pattern: Any = None  # vLLM: refused (JSON is written compact)
-    # -- prompt log-probs (vLLM) --
-    prompt_logprobs: int | None = None  # every prompt token's log-prob + the top k (0..20)
-    # -- compose-serve extension: per-request composition ({"weights": {member: w}} or {"alpha": a})
-    composition: dict[str, Any] | None = None
 
 
 # -- responses ----------------------------------------------------------------------------------

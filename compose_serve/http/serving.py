@@ -62,6 +62,7 @@ from .inputs import (
     refuse_unsupported_completion,
     renamed,
     sampling_params,
+    template_options,
     truncated,
 )
 from .outputs import (
@@ -295,15 +296,7 @@ class OpenAIServing:
         refuse_unsupported_chat(body)
         tokenizer = self.backend.tokenizer(info.name)
         plan = tool_plan(body.tools, body.tool_choice)  # structured outputs: tools, tool_choice
-        prompt_ids = chat_prompt_ids(
-            tokenizer,
-            body.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            chat_template=body.chat_template,
-            template_kwargs=body.chat_template_kwargs,
-            tools=plan,
-        )
+        prompt_ids = chat_prompt_ids(tokenizer, body.messages, **template_options(body), tools=plan)
         prompt_ids = truncated(prompt_ids, body.truncate_prompt_tokens, info.max_context)
         max_tokens, max_field = body.max_completion_tokens, "max_completion_tokens"
         if max_tokens is None:
@@ -506,14 +499,7 @@ class OpenAIServing:
         if body.prompt is not None:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
         else:
-            ids = chat_prompt_ids(
-                tokenizer,
-                body.messages,
-                add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message,
-                chat_template=body.chat_template,
-                template_kwargs=body.chat_template_kwargs,
-            )
+            ids = chat_prompt_ids(tokenizer, body.messages, **template_options(body))
         strs = None
         if body.return_token_strs:
             strs = tokenizer.convert_ids_to_tokens(ids)

@@ -24,6 +24,8 @@ from compose_serve.errors import (
 )
 from compose_serve.sampling import SamplingParams
 
+from .held import close_releasing
+
 POISON = 7  # a prompt starting with this token id makes the test engine's admission raise
 
 
@@ -82,15 +84,6 @@ async def _collect(stream):
     return [event async for event in stream]
 
 
-def _close(engine: AsyncEngine) -> None:
-    """Release held steps, then stop: a step still waiting on ``go`` would keep ``close`` (which
-    joins the step thread) from ever returning when a test fails while steps are held."""
-    held = getattr(engine.engine, "go", None)
-    if held is not None:
-        held.set()
-    engine.close()
-
-
 def test_a_request_that_fails_admission_fails_alone(mix, tok):
     """Before: the failure ended every running request with a 500 (StepFailedError)."""
     engine = AsyncEngine(FaultyEngine(mix, max_batch=4))
@@ -110,7 +103,7 @@ def test_a_request_that_fails_admission_fails_alone(mix, tok):
     try:
         first, (good, poisoned, good2), stats = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert isinstance(poisoned, RequestFailedError) and "poisoned prompt" in poisoned.message
     assert [e.token_id for e in first] == _alone(mix, running)
     assert [e.token_id for e in good] == _alone(mix, joining[0])
@@ -139,7 +132,7 @@ def test_an_abort_that_raises_does_not_kill_the_engine(mix, tok):
     try:
         later, stats = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert stats.alive
     assert [e.token_id for e in later] == _alone(mix, _greedy(tok.encode("Una")))
     assert engine.engine.free_slots == 2
@@ -186,5 +179,5 @@ def test_the_429_message_counts_what_is_in(mix, tok):
     try:
         full = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert "2 requests in (max_batch 1 running + max_queue 1 waiting)" in full.message

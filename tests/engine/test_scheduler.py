@@ -25,6 +25,8 @@ from compose_serve.errors import (
 )
 from compose_serve.sampling import SamplingParams
 
+from .held import close_releasing
+
 PROMPTS = [
     "The quick brown",
     "Compose models at decoding time",
@@ -110,15 +112,6 @@ async def _collect(stream):
     return [event async for event in stream]
 
 
-def _close(engine: AsyncEngine) -> None:
-    """Release held steps, then stop: a step still waiting on ``go`` would keep ``close`` (which
-    joins the step thread) from ever returning when a test fails while steps are held."""
-    held = getattr(engine.engine, "go", None)
-    if held is not None:
-        held.set()
-    engine.close()
-
-
 def test_concurrent_requests_equal_each_alone(composition, tok):
     requests = [_request(tok, i) for i in range(16)]
     alone = [_alone(composition, r) for r in requests]
@@ -135,7 +128,7 @@ def test_concurrent_requests_equal_each_alone(composition, tok):
     try:
         results = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     for want, events in zip(alone, results, strict=True):
         assert [e.token_id for e in events] == want.token_ids
         assert "".join(e.text for e in events) == want.text
@@ -164,7 +157,7 @@ def test_close_mid_stream_frees_the_slot(composition, tok):
     try:
         first, later = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     aborted = next(r for r in records.finished if r.finish_reason == "abort")
     assert aborted.output_tokens < 200
     assert [e.token_id for e in later] == _alone(
@@ -197,7 +190,7 @@ def test_cancelled_task_aborts_a_waiting_request(composition, tok):
     try:
         events = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert len(events) == 4
     assert [r.finish_reason for r in records.finished] == ["abort", "length"]
 
@@ -217,7 +210,7 @@ def test_queue_bound_refuses_and_admitted_requests_complete(composition, tok):
     try:
         refused, results = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert refused.status_code == 429 and refused.retry_after >= 1
     assert records.rejected == 1
     assert [len(events) for events in results] == [4, 4, 4]
@@ -236,7 +229,7 @@ def test_invalid_requests_fail_at_submit(composition, tok):
     try:
         too_long, bad_weights = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert too_long.param == "max_tokens" and bad_weights.param == "composition.weights"
     assert engine.stats().waiting == 0
 
@@ -257,7 +250,7 @@ def test_request_timeout_ends_the_request_and_frees_the_slot(composition, tok):
     try:
         later = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert records.finished[0].finish_reason == "timeout"
     assert len(later) == 3 and engine.engine.free_slots == 1
 
@@ -282,7 +275,7 @@ def test_a_failed_step_ends_its_batch_and_serving_goes_on(composition, tok, monk
     try:
         later = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert [e.token_id for e in later] == _alone(
         composition, _request(tok, 2, max_tokens=6)
     ).token_ids
@@ -310,7 +303,7 @@ def test_a_failed_prefill_resets_the_slots(composition, tok, monkeypatch):
     try:
         later = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert [e.token_id for e in later] == _alone(
         composition, _request(tok, 2, max_tokens=4)
     ).token_ids
@@ -339,7 +332,7 @@ def test_a_dead_engine_fails_everything_and_refuses_more(composition, tok, monke
     try:
         asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
         Engine.reset(engine.engine)  # the members are shared with the other tests
     assert not engine.stats().alive
 
@@ -384,6 +377,6 @@ def test_ready_takes_the_queued_events_at_once_and_the_stream_ends_after_them(co
     try:
         first, rest, after = asyncio.run(main())
     finally:
-        _close(engine)
+        close_releasing(engine)
     assert [first.token_id] + [e.token_id for e in rest] == want
     assert rest[-1].finish_reason == "length" and after == []

@@ -12,7 +12,6 @@ import time
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from compose_serve.engine import Request
 from compose_serve.sampling import SamplingParams
@@ -29,11 +28,6 @@ PROMPTS = [
     "12 * 3 =",
     "emoji",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny["tokenizer"])
 
 
 def _spec(i: int) -> dict:

@@ -15,7 +15,6 @@ import httpx
 import openai
 import pydantic
 import pytest
-from transformers import AutoTokenizer
 
 from compose_serve.composition import build_composition
 from compose_serve.config import parse_composition
@@ -48,11 +47,6 @@ def server(tiny):
     live.stop()
     for engine in engines.values():
         engine.close(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny["tokenizer"])
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ composition, run on that request alone (``live.reference``).
 
 from __future__ import annotations
 
-import openai
 import pytest
-from transformers import AutoTokenizer
 
 from compose_serve.composition import build_composition
 from compose_serve.config import parse_composition
@@ -19,17 +17,6 @@ from .live import reference
 
 PROMPT = "The quick brown"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2 ="}]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny["tokenizer"])
-
-
-@pytest.fixture(scope="module")
-def oai(live):
-    with openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0) as client:
-        yield client
 
 
 def _chat_ids(tok, messages=MESSAGES):

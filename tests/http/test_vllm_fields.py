@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 import torch
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor
+from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from compose_serve.engine.sequence import TokenEvent
 from compose_serve.http.outputs import TokenText, add_completion_logprobs, chat_logprob, sse
@@ -23,17 +22,6 @@ from compose_serve.http.protocol import CompletionLogprobs, CompletionResponse
 
 PROMPT = "The quick brown"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2 ="}]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny["tokenizer"])
-
-
-@pytest.fixture(scope="module")
-def oai(live):
-    with openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0) as client:
-        yield client
 
 
 def _ids(choice) -> list[int]:
