@@ -220,22 +220,9 @@ class OpenAIServing:
         )
 
     async def _completion_chunks(self, job: _Job, streams) -> AsyncIterator[str]:
-        created, token_text = int(time.time()), self._tokens(job)
+        token_text, chunk = self._tokens(job), _chunker(job, CompletionResponse)
         offsets = [len(p) for p in job.echo] if job.echo else [0] * len(job.requests)
         counts = [0] * len(job.requests)
-
-        def chunk(choices: list[CompletionChoice], totals: UsageInfo | None = None) -> str:
-            return sse(
-                CompletionResponse(
-                    id=job.id,
-                    created=created,
-                    model=job.model,
-                    system_fingerprint=job.fingerprint,
-                    choices=choices,
-                    usage=totals,
-                ),
-                job.include_usage,
-            )
 
         # echo with logprobs: the prompt's text and log-probs wait for the choice's first event,
         # which carries them, and go out in one first chunk with it; plain echo goes out at once
@@ -359,21 +346,8 @@ class OpenAIServing:
         )
 
     async def _chat_chunks(self, job: _Job, streams) -> AsyncIterator[str]:
-        created, token_text = int(time.time()), self._tokens(job)
+        token_text, chunk = self._tokens(job), _chunker(job, ChatCompletionChunk)
         counts = [0] * len(job.requests)
-
-        def chunk(choices: list[ChatChunkChoice], totals: UsageInfo | None = None) -> str:
-            return sse(
-                ChatCompletionChunk(
-                    id=job.id,
-                    created=created,
-                    model=job.model,
-                    system_fingerprint=job.fingerprint,
-                    choices=choices,
-                    usage=totals,
-                ),
-                job.include_usage,
-            )
 
         for c in range(len(job.requests)):
             yield chunk(
@@ -540,6 +514,19 @@ class OpenAIServing:
 def _prompt_logprobs(events: list[TokenEvent]):
     """The prompt log-probs a choice's first event carries (None when not asked)."""
     return events[0].prompt_logprobs if events else None
+
+
+def _chunker(job: _Job, shape: type[CompletionResponse] | type[ChatCompletionChunk]):
+    """``chunk(choices, totals=None) -> str``: one SSE line of the job's stream (``shape`` is the
+    route's chunk model); every chunk of a stream has the same id, created time and fingerprint."""
+    created = int(time.time())
+
+    def chunk(choices: list, totals: UsageInfo | None = None) -> str:
+        body = shape(id=job.id, created=created, model=job.model,
+                     system_fingerprint=job.fingerprint, choices=choices, usage=totals)
+        return sse(body, job.include_usage)
+
+    return chunk
 
 
 async def off_loop(prepare, body):
