@@ -79,9 +79,11 @@ def time_hf_generate(model, prompt_ids, batch, tokens, repeats) -> list[float]:
     return rates
 
 
-def time_engine(composition, prompt_ids, batch, tokens, repeats, one_hot: bool = False) -> list[float]:
-    """Tokens/s of ``batch`` requests; ``one_hot`` sends request i to member i mod K alone."""
-    engine = Engine(composition, max_batch=batch)
+def time_engine(composition, prompt_ids, batch, tokens, repeats, one_hot: bool = False,
+                fused_sampling: bool | None = None) -> list[float]:
+    """Tokens/s of ``batch`` requests; ``one_hot`` sends request i to member i mod K alone;
+    ``fused_sampling`` as ``Engine``'s (None: where the kernels run Triton)."""
+    engine = Engine(composition, max_batch=batch, fused_sampling=fused_sampling)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     names = composition.method.member_names
 

@@ -191,6 +191,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
 
+    @property
+    def plain_draw(self) -> bool:
+        """Whether the token is a draw from ``softmax(fused / temperature)`` (or its argmax) with
+        nothing else applied and no top-n log-probs asked: what the fused samplers of
+        ``compose_serve.kernels`` do exactly (``min_tokens`` is checked per step by the engine)."""
+        return (self.top_p == 1.0 and self.top_k in (0, 1) and self.min_p == 0.0 and self.repetition_penalty == 1.0
+                and not self.presence_penalty and not self.frequency_penalty and not self.logit_bias
+                and self.logprobs in (None, 0) and self.structured is None)
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raise if a token id in the request is outside ``[0, vocab_size)``; call at admission."""
         for name, ids in (

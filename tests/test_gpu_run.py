@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_DIR = ROOT / "benchmarks" / "gpu"
 RUN_SH = GPU_DIR / "run.sh"
 STEPS = ["setup", "gpu_tests", "kernels", "decode", "cuda_tests"]
-DECODE_ROWS = ["engine_one", "engine_mixture_k2", "engine_routed_mixed", "hf_generate"]
-RATIOS = ["one_member_vs_generate", "mixture_k2_vs_one_member", "routed_mixed_vs_one_member"]
+DECODE_ROWS = ["engine_one", "engine_mixture_k2", "engine_mixture_k2_unfused", "engine_routed_mixed", "hf_generate"]
+RATIOS = ["one_member_vs_generate", "mixture_k2_vs_one_member", "routed_mixed_vs_one_member",
+          "mixture_k2_fused_vs_unfused_sampling"]
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")

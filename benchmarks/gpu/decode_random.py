@@ -19,11 +19,15 @@ batch size runs every row, so a run cut short still has every ratio at the small
 - ``engine_one``: the engine, one member (the base);
 - ``engine_mixture_k2``: a K=2 dense mixture (weights 0.5/0.5) of two LoRA members on one
   shared base (one forward over 2B rows);
+- ``engine_mixture_k2_unfused``: the same mixture with the engine's fused sampling off (fusion
+  writes the ``[B, V]`` row, then the torch sampler reads it); on CUDA the row above fuses and
+  samples greedy rows in one Triton kernel (``Engine._fused_draw``), on a CPU both rows are unfused;
 - ``engine_routed_mixed``: three members on one shared base (the bare base and the two
   adapters), request i sent to member i mod 3 alone (one-hot per-request weights, as a top-1
   router does), so a batch mixes adapters row by row;
 - ``hf_generate``: ``model.generate`` on the plain model, what a user would run instead.
-Ratios in the same run: one member / generate, K=2 mixture / one member, routed / one member.
+Ratios in the same run: one member / generate, K=2 mixture / one member, routed / one member,
+K=2 mixture with fused sampling / without.
 
 The JSON (default ``benchmarks/results/decode_cuda.json`` on CUDA, ``decode_random_cpu.json`` on
 a CPU so the real-weights ``decode_cpu.json`` is never overwritten) is rewritten after every
@@ -62,10 +66,11 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 SIZE_FLAGS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "intermediate": "intermediate_size",
               "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab": "vocab_size",
               "max_positions": "max_position_embeddings"}
-ROWS = ("engine_one", "engine_mixture_k2", "engine_routed_mixed", "hf_generate")
+ROWS = ("engine_one", "engine_mixture_k2", "engine_mixture_k2_unfused", "engine_routed_mixed", "hf_generate")
 RATIOS = {"one_member_vs_generate": ("engine_one", "hf_generate"),
           "mixture_k2_vs_one_member": ("engine_mixture_k2", "engine_one"),
-          "routed_mixed_vs_one_member": ("engine_routed_mixed", "engine_one")}
+          "routed_mixed_vs_one_member": ("engine_routed_mixed", "engine_one"),
+          "mixture_k2_fused_vs_unfused_sampling": ("engine_mixture_k2", "engine_mixture_k2_unfused")}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<unk>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
@@ -141,7 +146,7 @@ def compositions(model_dir: Path, adapters: list[Path], device: str, dtype: str)
 
 
 # --- timing ---------------------------------------------------------------------------------
-def row_timer(name: str, body: dict | None, model_dir: Path, prompt_ids: list[int],
+def row_timer(name: str, bodies: dict[str, dict], model_dir: Path, prompt_ids: list[int],
               args: argparse.Namespace) -> Callable[[int], list[float]]:
     """Load one row's model or composition once; the returned function gives its tokens/s at a
     batch size (one warm-up run, then ``--repeats``)."""
@@ -150,7 +155,11 @@ def row_timer(name: str, body: dict | None, model_dir: Path, prompt_ids: list[in
 
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=args.torch_dtype).to(args.device).eval()
         return lambda batch: time_hf_generate(hf, prompt_ids, batch, args.tokens, args.repeats)
-    composition = build_composition(parse_composition({"name": name, **body}))
+    if name == "engine_mixture_k2_unfused":  # the same mixture, fusion and sampling as two passes
+        composition = build_composition(parse_composition({"name": name, **bodies["engine_mixture_k2"]}))
+        return lambda batch: time_engine(composition, prompt_ids, batch, args.tokens, args.repeats,
+                                         fused_sampling=False)
+    composition = build_composition(parse_composition({"name": name, **bodies[name]}))
     return lambda batch: time_engine(composition, prompt_ids, batch, args.tokens, args.repeats,
                                      one_hot=name == "engine_routed_mixed")
 
@@ -190,7 +199,7 @@ def run(args: argparse.Namespace, root: Path, save) -> None:
     timers = {}
     for name in args.rows:
         try:
-            timers[name] = row_timer(name, bodies.get(name), model_dir, prompt_ids, args)
+            timers[name] = row_timer(name, bodies, model_dir, prompt_ids, args)
         except Exception as exc:  # one failing row must not cost the others
             errors[name] = _failed(name, exc)
     for batch in args.batches:

@@ -12,7 +12,8 @@
 #   kernels     bench_kernels.py, K 2/4/8 x B 1/8/64 x V 49152/151936, bf16, GB/s vs peak
 #                                                                 -> kernels_cuda.json/.csv box 170 s
 #   decode      decode_random.py: SmolLM2-135M architecture, random weights, bf16, B 1/8/64,
-#               one member vs K=2 mixture vs routed (and generate)  -> decode_cuda.json    box 170 s
+#               one member vs K=2 mixture (fused sampling on / off) vs routed (and generate)
+#                                                                 -> decode_cuda.json    box 170 s
 #   cuda_tests  tests/kernels + tests/test_sampling.py on CUDA, with what is left (<= 150 s)
 #                                                                 -> pytest_cuda.xml
 # Everything lands in $OUT (the device tool returns at most 8 files; this writes 7):

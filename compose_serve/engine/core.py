@@ -4,6 +4,8 @@
     1. score   every member decodes its live slots               K x [B_k, V]
     2. fuse    the composition's method                           logprobs [B, V] float32
     3. sample  one token per sequence                              tokens [B]
+       (2 and 3 run as one fused kernel, no [B, V] row written, where the fusion kernels run
+       Triton and every row is a plain draw: ``_fused_draw``)
     4. append  each sequence takes its token (text, log-probs)
     5. stop    EOS / stop ids / stop strings / max_tokens; finished slots are released at once
     6. emit    one TokenEvent per sequence
@@ -26,16 +28,18 @@ Running sequences are never re-prefilled. The scheduler (``engine/scheduler.py``
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 from collections.abc import Iterable
 
 import torch
 
-from .. import structured
+from .. import kernels, structured
 from ..composition import Composition
 from ..errors import InvalidRequestError
 from ..members.base import Scores
-from ..sampling import Sampler, make_generator
+from ..methods.base import Method
+from ..sampling import Sampler, SamplerOutput, make_generator
 from .admission import check_request
 from .detokenizer import Detokenizer
 from .scoring import can_teacher_force, score_prompts
@@ -48,7 +52,7 @@ class Engine:
     """Runs a composition over a batch of at most ``max_batch`` sequences (slots)."""
 
     def __init__(self, composition: Composition, max_batch: int | None = None,
-                 max_prefill_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int | None = None, fused_sampling: bool | None = None) -> None:
         self.composition = composition
         self.members = composition.members
         self.method = composition.method
@@ -61,6 +65,11 @@ class Engine:
         self.prefilling: list[Sequence] = []  # admitted, prompt not complete yet (FIFO)
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self.device = self.members[0].device
+        #: fuse and sample in one kernel (``Method.fuse_sample``) for steps where every row is a
+        #: plain draw; None: where the fusion kernels run Triton (CUDA, or COMPOSE_SERVE_KERNELS)
+        if fused_sampling is None:
+            fused_sampling = kernels.backend_for(self.device, len(self.members)) == "triton"
+        self.fused_sampling = fused_sampling and type(self.method).fuse_sample is not Method.fuse_sample
         for member in self.members:  # this engine owns every slot: rows an earlier engine left go
             member.release(member.live_slots)
 
@@ -153,6 +162,7 @@ class Engine:
             slot=self._free_slots.pop(),
             weights=torch.tensor(weights, dtype=torch.float32),
             generator=make_generator(params.seed, device=self.device),
+            noise_seed=params.seed if params.seed is not None else random.getrandbits(62),
             detokenizer=Detokenizer(self.composition.tokenizer, request.prompt_ids, params.stop,
                                     params.skip_special_tokens, params.include_stop_str_in_output),
         )
@@ -236,25 +246,28 @@ class Engine:
     def _advance(self, seqs: list[Sequence], scores: list[tuple[list[int], Scores | None]]) -> list[TokenEvent]:
         member_logits = [self._full_rows(rows, sc, len(seqs)) for rows, sc in scores]  # K x [B, V]
         weights = torch.stack([s.weights for s in seqs]).to(self.device)  # [B, K]
-        fused = self.method.fuse(member_logits, weights)  # 2. fuse
-        params = [s.request.params for s in seqs]
-        raw_shift = None  # the repetition penalty acts on raw scores (vLLM's rule)
-        if any(p.repetition_penalty != 1.0 for p in params):
-            raw_shift = self.method.raw_shift(member_logits, fused.weights)
-        out = self.sampler(  # 3. sample
-            fused.logprobs,
-            params,
-            [s.generator for s in seqs],
-            [s.request.prompt_ids for s in seqs],
-            [s.output_ids for s in seqs],
-            raw_shift,
-            pick_from=self._constrain(seqs, fused.logprobs),  # structured outputs (None: no grammar)
-        )
+        out, eff_weights = self._fused_draw(seqs, member_logits, weights)  # 2.+3. in one kernel where it applies
+        if out is None:
+            fused = self.method.fuse(member_logits, weights)  # 2. fuse
+            eff_weights = fused.weights
+            params = [s.request.params for s in seqs]
+            raw_shift = None  # the repetition penalty acts on raw scores (vLLM's rule)
+            if any(p.repetition_penalty != 1.0 for p in params):
+                raw_shift = self.method.raw_shift(member_logits, fused.weights)
+            out = self.sampler(  # 3. sample
+                fused.logprobs,
+                params,
+                [s.generator for s in seqs],
+                [s.request.prompt_ids for s in seqs],
+                [s.output_ids for s in seqs],
+                raw_shift,
+                pick_from=self._constrain(seqs, fused.logprobs),  # structured outputs (None: no grammar)
+            )
         tokens = out.tokens.tolist()
         chosen = out.chosen_logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        eff = fused.weights.float().cpu().tolist()
+        eff = eff_weights.float().cpu().tolist()
         member_diag = self._member_diagnostics(scores)
         events = []
         for i, seq in enumerate(seqs):
@@ -269,6 +282,35 @@ class Engine:
         self._grammar_accept(seqs, tokens, events)  # structured outputs: a complete grammar stops
         self._release([s for s in seqs if s.finish_reason is not None])
         return events  # 6. emit
+
+    def _fused_draw(self, seqs: list[Sequence], member_logits: list[torch.Tensor],
+                    weights: torch.Tensor) -> tuple[SamplerOutput | None, torch.Tensor | None]:
+        """Steps 2 and 3 in one pass (``Method.fuse_sample``: no ``[B, V]`` row written) when fused
+        sampling is on and every row is a plain draw (``SamplingParams.plain_draw``, no EOS ban of
+        ``min_tokens`` left); ``(None, None)`` otherwise. Greedy rows stay argmax; a sampled row
+        is an exact draw from ``softmax(fused / T)`` with Philox noise seeded per row and step
+        (``Sequence.step_seed``), a different random stream from the torch ``Sampler``'s. If the
+        kernel fails, fused sampling is switched off for this engine (logged) and the step goes on
+        unfused."""
+        if not self.fused_sampling:
+            return None, None
+        for seq in seqs:
+            params = seq.request.params
+            if not params.plain_draw or len(seq.output_ids) < params.min_tokens:
+                return None, None
+        temperature = torch.tensor([0.0 if s.request.params.greedy else s.request.params.temperature for s in seqs],
+                                   dtype=torch.float32, device=self.device)
+        seeds = torch.tensor([s.step_seed() for s in seqs], dtype=torch.int64, device=self.device)
+        try:
+            picked = self.method.fuse_sample(member_logits, weights, temperature, seeds)
+        except Exception:
+            logger.exception("fused sampling failed; this engine fuses and samples separately from now on")
+            self.fused_sampling = False
+            return None, None
+        if picked is None:
+            return None, None
+        tokens, logprobs, eff_weights = picked
+        return SamplerOutput(tokens, logprobs, None, None), eff_weights
 
     # -- structured outputs (compose_serve.structured) ----------------------------------------
     def _constrain(self, seqs: list[Sequence], logprobs: torch.Tensor) -> torch.Tensor | None:

@@ -94,6 +94,17 @@ class Sequence:
     router_probs: torch.Tensor | None = None  # [K], when a router chose the weights
     #: structured outputs: this sequence's grammar matcher (``compose_serve.structured.Matcher``)
     grammar: object | None = None
+    #: the fused samplers' Philox seed base (the request's seed, else random); a step's seed mixes
+    #: it with the number of tokens drawn so far (``step_seed``)
+    noise_seed: int = 0
+
+    def step_seed(self) -> int:
+        """A fresh 62-bit seed for this sequence's next draw (splitmix64 of base and position):
+        the same request seed gives the same draws; other rows never change it."""
+        x = (self.noise_seed + 0x9E3779B97F4A7C15 * (len(self.output_ids) + 1)) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        return (x ^ (x >> 31)) >> 2
 
     @property
     def request_id(self) -> str:

@@ -10,6 +10,13 @@
 
 A member whose row weight is 0 contributes nothing, so the engine need not run it for that row.
 
+``fuse_sample(member_logits, weights, temperature [B], seeds [B]) -> (tokens [B], logprobs [B],
+weights [B, K]) | None``: fuse and draw one token per row in one pass, without writing the
+``[B, V]`` row (the fused Triton samplers of ``compose_serve.kernels``): ``tokens`` is an exact
+draw from ``softmax(fused / temperature)`` (0 = greedy, argmax with ties to the lowest id),
+``logprobs`` the chosen tokens' fused, untempered log-probs. None where the method has no fused
+sampler; the engine then fuses and runs its ``Sampler``.
+
 Routing (``mixture`` and ``logit_mix`` with ``weights: router``): before any member runs, the
 router's probabilities ``[n, K]`` for the new requests become their weights through ``route``:
 ``top_k`` keeps the k most probable members per row, renormalised; a row whose top probability is
@@ -55,6 +62,11 @@ class Method(ABC):
 
     @abstractmethod
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused: ...
+
+    def fuse_sample(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor, temperature: torch.Tensor,
+                    seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Fused fusion + sampling (module docstring); None: this method has none."""
+        return None
 
     def raw_shift(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32 such that ``Fused.logprobs + raw_shift`` are the row's fused scores on

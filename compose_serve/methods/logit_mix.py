@@ -32,6 +32,11 @@ class LogitMix(Method):
         raw = sum(weights[:, k : k + 1].to(z.device) * z.float() for k, z in enumerate(member_logits))
         return torch.logsumexp(raw, dim=-1).to(weights.device)
 
+    def fuse_sample(self, member_logits, weights, temperature, seeds):
+        """``kernels.sample_mix_logits``: the coefficients are the row weights."""
+        tokens, logprobs = kernels.sample_mix_logits(member_logits, weights, temperature, seeds)
+        return tokens, logprobs, weights
+
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
         one_hot = self.one_hot_rows(member_logits, weights)
         if one_hot is not None:

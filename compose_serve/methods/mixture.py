@@ -50,6 +50,14 @@ class Mixture(Method):
         scaled = [z.float() / t for z, t in zip(member_logits, self.temperatures.tolist(), strict=True)]
         return super().raw_shift(scaled, weights)
 
+    def fuse_sample(self, member_logits, weights, temperature, seeds):
+        """``kernels.sample_mix_probs`` (entropy weights first, when dynamic)."""
+        temperatures = None if self._plain_temperatures else self.temperatures.to(weights.device)
+        if self.dynamic == "entropy":
+            weights = entropy_weights(member_logits, weights, self.temperatures.to(weights.device), self.tau)
+        tokens, logprobs = kernels.sample_mix_probs(member_logits, weights, temperatures, temperature, seeds)
+        return tokens, logprobs, weights
+
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
         temperatures = None if self._plain_temperatures else self.temperatures.to(weights.device)
         if self.dynamic == "entropy":
