@@ -22,18 +22,9 @@ from compose_serve.http.outputs import BYTE_DECODER
 from compose_serve.sampling import SamplingParams
 from compose_serve.structured import StructuredSpec, compiler_for, fill_masks, unpack
 
-from .http.live import build_composition_named
+from .http.live import PERSON_SCHEMA, build_composition_named
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "color": {"type": "string", "enum": ["red", "green", "blue"]},
-    },
-    "required": ["name", "age", "color"],
-    "additionalProperties": False,
-}
+SCHEMA = PERSON_SCHEMA
 PROMPT = "The quick brown fox"
 
 

@@ -18,6 +18,19 @@ from compose_serve.engine import Engine, Request
 from compose_serve.engine.scheduler import AsyncEngine
 from compose_serve.http import InProcessBackend, build_app
 
+#: the JSON schema the structured-output tests constrain to (a string with maxLength, an integer
+#: range and an enum: the kinds xgrammar compiles differently)
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "color": {"type": "string", "enum": ["red", "green", "blue"]},
+    },
+    "required": ["name", "age", "color"],
+    "additionalProperties": False,
+}
+
 
 class HeldEngine(Engine):
     """An Engine whose ``step`` waits while ``go`` is clear, then sleeps ``delay`` seconds, and

@@ -22,19 +22,10 @@ from compose_serve.http.inputs import chat_prompt_ids
 from compose_serve.http.protocol import ChatMessage
 from compose_serve.http.structured_io import tool_plan
 
-from .live import serve_specs
+from .live import PERSON_SCHEMA, serve_specs
 
 MODEL = "tiny-long"
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "color": {"type": "string", "enum": ["red", "green", "blue"]},
-    },
-    "required": ["name", "age", "color"],
-    "additionalProperties": False,
-}
+PERSON = PERSON_SCHEMA
 WEATHER = {
     "type": "function",
     "function": {
