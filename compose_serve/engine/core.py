@@ -27,6 +27,7 @@ Running sequences are never re-prefilled. The scheduler (``engine/scheduler.py``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import deque
@@ -52,7 +53,8 @@ class Engine:
     """Runs a composition over a batch of at most ``max_batch`` sequences (slots)."""
 
     def __init__(self, composition: Composition, max_batch: int | None = None,
-                 max_prefill_tokens: int | None = None, fused_sampling: bool | None = None) -> None:
+                 max_prefill_tokens: int | None = None, fused_sampling: bool | None = None,
+                 pack_steps: bool = True) -> None:
         self.composition = composition
         self.members = composition.members
         self.method = composition.method
@@ -70,6 +72,8 @@ class Engine:
         if fused_sampling is None:
             fused_sampling = kernels.backend_for(self.device, len(self.members)) == "triton"
         self.fused_sampling = fused_sampling and type(self.method).fuse_sample is not Method.fuse_sample
+        #: a step's decode and prefill chunk in one forward per model (``_packed_step``)
+        self.pack_steps = pack_steps
         for member in self.members:  # this engine owns every slot: rows an earlier engine left go
             member.release(member.live_slots)
 
@@ -113,6 +117,20 @@ class Engine:
     def _prefill_chunk(self) -> list[TokenEvent]:
         """One prefill forward (per member) over the next prompt tokens of the prefilling
         sequences, front first, within the budget; completed prompts get their first token."""
+        seqs, pieces = self._next_chunk()
+        nll = self.method.uses_prompt_nll
+        with self._chunk_undone_on_failure(seqs):
+            scores = []
+            for k, member in enumerate(self.members):
+                rows = [i for i, s in enumerate(seqs) if s.uses[k]]
+                call = member.prefill([seqs[i].slot for i in rows], [pieces[i] for i in rows], nll) if rows else None
+                scores.append((rows, call))
+            scores = resolve(scores)
+        return self._finish_chunk(seqs, pieces, scores)
+
+    def _next_chunk(self) -> tuple[list[Sequence], list[list[int]]]:
+        """The prefilling sequences this step's chunk covers (front first) and their next pieces
+        of prompt, within ``max_prefill_tokens``."""
         budget = self.max_prefill_tokens or float("inf")
         seqs, pieces = [], []
         for seq in self.prefilling:
@@ -122,20 +140,24 @@ class Engine:
             seqs.append(seq)
             pieces.append(seq.request.prompt_ids[seq.prefilled : seq.prefilled + n])
             budget -= n
-        nll = self.method.uses_prompt_nll
+        return seqs, pieces
+
+    @contextlib.contextmanager
+    def _chunk_undone_on_failure(self, seqs: list[Sequence]):
+        """If the chunk's forward fails, some members took it and some did not: its prompts start over."""
         try:
-            scores = []
-            for k, member in enumerate(self.members):
-                rows = [i for i, s in enumerate(seqs) if s.uses[k]]
-                call = member.prefill([seqs[i].slot for i in rows], [pieces[i] for i in rows], nll) if rows else None
-                scores.append((rows, call))
-            scores = resolve(scores)
-        except Exception:  # some members took the chunk, some did not: these prompts start over
+            yield
+        except Exception:
             for member in self.members:
                 member.release([seq.slot for seq in seqs])
             for seq in seqs:
                 seq.prefilled = 0
             raise
+
+    def _finish_chunk(self, seqs: list[Sequence], pieces: list[list[int]],
+                      scores: list[tuple[list[int], Scores | None]]) -> list[TokenEvent]:
+        """After the chunk's forward: count what each prompt took; prompts now complete get their
+        first token from their last chunk's scores and join the running batch."""
         for seq, piece in zip(seqs, pieces, strict=True):
             seq.prefilled += len(piece)
         done = [i for i, s in enumerate(seqs) if s.prefilled == len(s.request.prompt_ids)]
@@ -145,7 +167,7 @@ class Engine:
         gone = {id(s) for s in finished}
         self.prefilling = [s for s in self.prefilling if id(s) not in gone]
         scores = [_rows_of(rows, sc, done) for rows, sc in scores]
-        if nll:
+        if self.method.uses_prompt_nll:
             self._prompt_weights(finished, scores)
         prompt_lps = self._prompt_logprobs(finished)  # before the first token: same weights
         self.running.extend(finished)
@@ -230,7 +252,10 @@ class Engine:
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Advance every running sequence by one token (steps 1-6 of the class docstring), then
-        prefill the next chunk of the prompts coming in."""
+        prefill the next chunk of the prompts coming in; both in one forward per model where the
+        members can pack them (``_packed_step``)."""
+        if self.running and self.prefilling and self.pack_steps:
+            return self._packed_step()
         events = self._decode() if self.running else []
         return events + self._prefill_chunk() if self.prefilling else events
 
@@ -242,6 +267,35 @@ class Engine:
             slots = [self.running[i].slot for i in rows]
             scores.append((rows, member.decode(slots, last[rows]) if rows else None))
         return self._advance(list(self.running), resolve(scores))
+
+    def _packed_step(self) -> list[TokenEvent]:
+        """A decode step and the next prefill chunk in one forward per model (vLLM's mixed batch):
+        the running rows' tokens and the chunk's tokens packed into one sequence, so the weights are
+        read once per step instead of twice. A member that packs (``Member.packs_steps``) does both
+        in ``packed``; members on one shared base get every decode call, then every prefill call,
+        and their host packs them in its one forward; any other member runs the two in turn."""
+        running = list(self.running)
+        seqs, pieces = self._next_chunk()
+        last = torch.tensor([s.output_ids[-1] for s in running], device=self.device)  # [B]
+        nll = self.method.uses_prompt_nll
+        plans = [([i for i, s in enumerate(running) if s.uses[k]], [i for i, s in enumerate(seqs) if s.uses[k]])
+                 for k in range(len(self.members))]
+        decode: list = [None] * len(self.members)
+        chunk: list = [None] * len(self.members)
+        with self._chunk_undone_on_failure(seqs):
+            for k, (member, (d, p)) in enumerate(zip(self.members, plans, strict=True)):
+                if d and p and member.packs_steps:
+                    decode[k], chunk[k] = member.packed([running[i].slot for i in d], last[d], [seqs[i].slot for i in p],
+                                                        [pieces[i] for i in p], nll)
+            for k, (member, (d, _)) in enumerate(zip(self.members, plans, strict=True)):
+                if d and decode[k] is None:
+                    decode[k] = member.decode([running[i].slot for i in d], last[d])
+            for k, (member, (_, p)) in enumerate(zip(self.members, plans, strict=True)):
+                if p and chunk[k] is None:
+                    chunk[k] = member.prefill([seqs[i].slot for i in p], [pieces[i] for i in p], nll)
+            decode_scores = resolve([(d, decode[k]) for k, (d, _) in enumerate(plans)])
+            chunk_scores = resolve([(p, chunk[k]) for k, (_, p) in enumerate(plans)])
+        return self._advance(running, decode_scores) + self._finish_chunk(seqs, pieces, chunk_scores)
 
     def _advance(self, seqs: list[Sequence], scores: list[tuple[list[int], Scores | None]]) -> list[TokenEvent]:
         member_logits = [self._full_rows(rows, sc, len(seqs)) for rows, sc in scores]  # K x [B, V]

@@ -9,6 +9,9 @@ A member keeps its own KV cache, one row per slot; the engine (its scheduler) ow
 - ``decode(slots, last_tokens [B]) -> Scores``: advance every listed slot by one token. ``slots``
   must be exactly the member's slots whose prompt is complete; the rows returned follow their order.
 - ``release(slots)``: forget those slots now (prefilling or decoding); their rows are free.
+- ``packed(decode_slots, last_tokens, prefill_slots, token_ids, want_prompt_nll) -> (Scores,
+  Scores)``, offered where ``packs_steps`` is True: ``decode`` and ``prefill`` of one step in ONE
+  forward (the decode tokens and the chunks packed into one sequence), with the same results.
 
 ``prefill`` and ``decode`` may instead return a future whose ``result()`` is the Scores (a remote
 member does; so do members on one shared base, whose host runs every pending call of a step in one
@@ -48,6 +51,8 @@ class Member(ABC):
     vocab_size: int  # width of the logits rows
     max_context: int  # prompt + generated tokens a slot can hold
     device: torch.device
+    #: offers ``packed`` (one forward for a step's decode and prefill chunk)
+    packs_steps: bool = False
 
     @abstractmethod
     def prefill(

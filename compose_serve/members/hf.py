@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ConfigError
 from .base import Member, Scores
-from .kv import SlotCache
+from .kv import SlotCache, register_packed_attention
 from .smollm2 import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -112,8 +112,11 @@ class HFMember(Member):
     A prompt may come in chunks: each ``prefill`` call appends the next chunk of each slot's
     prompt (a slot seen for the first time is admitted) and scores the token after it; the scores
     of a prompt's last chunk are the prompt's. ``decode`` then advances the slots whose prompt is
-    done. The prompt NLL (PackLLM) is accumulated over the chunks.
+    done. The prompt NLL (PackLLM) is accumulated over the chunks. ``packed`` does a step's decode
+    and prefill chunk in one forward.
     """
+
+    packs_steps = True
 
     def __init__(self, name: str, lm: torch.nn.Module, tokenizer) -> None:
         self.name = name
@@ -132,6 +135,7 @@ class HFMember(Member):
         self._cache_kw = cache_kwarg(self.decoder)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._nll: dict[Hashable, list] = {}  # key -> [sum, count, last hidden of the previous chunk]
+        self._packed_attention = register_packed_attention()
 
     # -- the contract ---------------------------------------------------------------------
     @property
@@ -183,6 +187,60 @@ class HFMember(Member):
 
     def before_decode(self, perm: torch.Tensor) -> None:
         """Hook for subclasses: the decode forward runs rows in physical order (``x_phys[perm] = x``)."""
+
+    def packed_rows(self, decode_keys: list[Hashable], last_tokens: torch.Tensor, prefill_keys: list[Hashable],
+                    token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Chunk]:
+        """``decode_rows`` and ``prefill_rows`` in ONE forward (``SlotCache.plan_packed``: every token
+        in one packed sequence, so the weights are read once); returns what each would: ``hidden
+        [B, d]`` in the order of ``decode_keys``, and the chunk's ``Chunk`` (right-padded)."""
+        lens = [len(t) for t in token_ids]
+        perm, positions = self.kv.plan_packed(decode_keys, prefill_keys, lens)
+        b = len(decode_keys)
+        first = torch.empty(b, dtype=torch.long)
+        first[perm] = last_tokens.reshape(-1).cpu()
+        ids = torch.cat([first, *(torch.tensor(list(t), dtype=torch.long) for t in token_ids)]).to(self.device)
+        self.before_packed(perm, lens)
+        hidden = self.run_packed(ids.view(1, -1), positions.view(1, -1))[0]  # [T, d]
+        width = max(lens)
+        chunk_hidden = hidden.new_zeros((len(lens), width, hidden.shape[-1]))
+        chunk_ids = torch.full((len(lens), width), self._pad_id, dtype=torch.long, device=self.device)
+        offset = b
+        for i, n in enumerate(lens):
+            chunk_hidden[i, :n] = hidden[offset : offset + n]
+            chunk_ids[i, :n] = ids[offset : offset + n]
+            offset += n
+        lens_t = torch.tensor(lens)
+        valid = (torch.arange(width).unsqueeze(0) < lens_t.unsqueeze(1)).to(self.device)
+        last = chunk_hidden[torch.arange(len(lens), device=self.device), (lens_t - 1).to(self.device)]
+        return hidden[:b][perm.to(self.device)], Chunk(chunk_hidden, chunk_ids, valid, last)
+
+    def before_packed(self, perm: torch.Tensor, chunk_lens: list[int]) -> None:
+        """Hook for subclasses: a packed forward runs the decode rows in physical order, then the chunks."""
+
+    def run_packed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decoder forward over a packed plan (``ids``, ``positions [1, T]``); ``[1, T, d]``.
+        Attention goes through ``packed_attention`` for this forward only."""
+        config = self.decoder.config
+        implementation = config._attn_implementation
+        config._attn_implementation = self._packed_attention
+        try:
+            stub = torch.ones((1, 1, ids.shape[1], 1), dtype=torch.bool, device=self.device)  # unread: a 4D
+            kwargs = {self._cache_kw: self.kv, "use_cache": True}  # mask keeps transformers from building one
+            return self.decoder(input_ids=ids, attention_mask=stub, position_ids=positions, slot_plan=self.kv.plan,
+                                **kwargs).last_hidden_state
+        finally:
+            config._attn_implementation = implementation
+
+    @torch.inference_mode()
+    def packed(self, decode_slots, last_tokens: torch.Tensor, prefill_slots, token_ids,
+               want_prompt_nll: bool = False) -> tuple[Scores, Scores]:
+        """``decode`` and ``prefill`` in one forward (``Member.packed``)."""
+        keys = list(prefill_slots)
+        hidden, chunk = self.packed_rows(list(decode_slots), last_tokens, keys, token_ids)
+        nll = self.chunk_nll(keys, chunk) if want_prompt_nll else None
+        logits = self.logits(torch.cat([hidden, chunk.last]))  # the LM head once for both
+        return (Scores(logits=logits[: len(hidden)], hidden=hidden),
+                Scores(logits=logits[len(hidden) :], hidden=chunk.last, prompt_nll=nll))
 
     def chunk_nll(self, keys: list[Hashable], chunk: Chunk) -> torch.Tensor:
         """Mean next-token NLL over each prompt so far ``[n]`` (0 while no pair is scored): within

@@ -17,6 +17,11 @@ Layout (gpt-fast's static cache, with per-row lengths): every layer holds keys a
 - during the forward, the model calls ``update(k, v, layer)``: the new keys and values are written
   in place at each row's columns, and the attention reads the planned rows' first ``kv_len``
   columns (a view for a range of rows; prefill rows that are scattered are gathered);
+- ``plan_packed(decode_keys, prefill_keys, chunk_lens)`` plans ONE forward over both: the decoding
+  rows' next tokens and the prefilling rows' next chunks packed into a single sequence of T tokens
+  (batch 1), so the weights are read once per step; ``update`` writes every token at its own
+  (row, column) and hands the attention the whole buffers, and ``packed_attention`` attends each
+  part to its own rows (the decode rows as one batch, each chunk to its row);
 - ``release(keys)`` frees rows: the last row of the range moves into the hole (one row copied,
   its own length only); no other row is ever touched.
 Capacity grows by doubling (rows) and by ``BLOCK``-token steps (length) up to ``max_length``;
@@ -48,6 +53,57 @@ class Plan:
     contiguous: bool  # rows form the range rows[0] .. rows[-1]: read as a view
 
 
+@dataclass
+class PackedPlan:
+    """One packed forward (batch 1, T tokens): the ``decoding`` rows' tokens (physical rows
+    ``0 .. decoding-1``, in that order) first, then each chunk of ``segments``."""
+
+    write_rows: torch.Tensor  # [T] long: the row each token's keys and values go to
+    write_cols: torch.Tensor  # [T] long: their column
+    decoding: int
+    decode_kv_len: int
+    decode_mask: torch.Tensor | None  # [decoding, 1, 1, decode_kv_len] bool
+    segments: list[tuple[int, int, int, int]]  # (row, start column, tokens, offset in the T tokens)
+    segment_masks: list[torch.Tensor]  # each [1, 1, tokens, start + tokens] bool: causal from start
+
+
+def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                     dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """A transformers attention function for a packed forward (``SlotCache.plan_packed``).
+
+    ``query [1, Hq, T, hd]``; ``key``/``value`` are the cache's whole buffers ``[R_cap, Hkv, L_cap, hd]``
+    (``SlotCache.update`` returns them for a packed plan); ``kwargs["slot_plan"]`` is the plan.
+    Returns ``([1, T, Hq, hd], None)``: each part attended by transformers' own SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan: PackedPlan = kwargs["slot_plan"]
+    outs = []
+    b = plan.decoding
+    if b:
+        q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, hd]
+        out, _ = sdpa_attention_forward(module, q, key[:b, :, : plan.decode_kv_len], value[:b, :, : plan.decode_kv_len],
+                                        plan.decode_mask, dropout=0.0, scaling=scaling, is_causal=False)
+        outs.append(out.transpose(0, 1))  # [B, 1, Hq, hd] -> [1, B, Hq, hd]
+    for (row, start, n, offset), mask in zip(plan.segments, plan.segment_masks, strict=True):
+        kv = slice(0, start + n)
+        out, _ = sdpa_attention_forward(module, query[:, :, offset : offset + n], key[row : row + 1, :, kv],
+                                        value[row : row + 1, :, kv], mask, dropout=0.0, scaling=scaling,
+                                        is_causal=False)
+        outs.append(out)  # [1, n, Hq, hd]
+    return torch.cat(outs, dim=1), None
+
+
+PACKED_ATTENTION = "compose_serve_packed"
+
+
+def register_packed_attention() -> str:
+    """Register ``packed_attention`` with transformers (once); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    return PACKED_ATTENTION
+
+
 class SlotCache(Cache):
     """A keyed, preallocated KV cache; see the module docstring."""
 
@@ -63,7 +119,7 @@ class SlotCache(Cache):
         self.row_of: dict[Hashable, int] = {}
         self.lengths: list[int] = []  # tokens held, per physical row
         self.n_decoding = 0
-        self.plan: Plan | None = None
+        self.plan: Plan | PackedPlan | None = None
 
     @classmethod
     def for_model(cls, config, dtype: torch.dtype, device: torch.device, max_length: int) -> SlotCache:
@@ -145,6 +201,63 @@ class SlotCache(Cache):
         positions, mask = self._finish_inputs(cols, starts + 1)
         return perm, positions, mask
 
+    def plan_packed(self, decode_keys: Sequence[Hashable], prefill_keys: Sequence[Hashable],
+                    chunk_lens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plan one packed forward: ``decode_keys`` as ``plan_decode`` (every decoding row, plus rows
+        whose prefill is done) and ``prefill_keys`` as ``plan_prefill`` (new keys admitted), their
+        tokens in one sequence: the decode rows' in physical order, then each chunk. Returns
+        ``perm [B]`` (as ``plan_decode``) and ``positions [T]``."""
+        wanted = set(decode_keys)
+        if len(wanted) != len(decode_keys) or wanted & set(prefill_keys):
+            raise ValueError("a key is listed twice")
+        missing = [k for k in decode_keys if k not in self.row_of]
+        if missing:
+            raise KeyError(f"rows not in the cache: {missing}")
+        stale = [k for k in self.order[: self.n_decoding] if k not in wanted]
+        if stale:
+            raise ValueError(f"every decoding row must be decoded each step; missing {stale}")
+        for key in decode_keys:  # rows whose prefill is done join the decoding range
+            row = self.row_of[key]
+            if row >= self.n_decoding:
+                self._swap(row, self.n_decoding)
+                self.n_decoding += 1
+        for key in prefill_keys:
+            if key not in self.row_of:
+                self._admit(key)
+            elif self.row_of[key] < self.n_decoding:
+                raise ValueError(f"row {key!r} already decodes; it cannot be prefilled again")
+        batch = self.n_decoding
+        starts = self.lengths[:batch]
+        rows = [self.row_of[k] for k in prefill_keys]
+        pstarts = [self.lengths[r] for r in rows]
+        need = max([s + 1 for s in starts] + [s + n for s, n in zip(pstarts, chunk_lens, strict=True)])
+        self._reserve(need)
+        write_rows, write_cols, positions = list(range(batch)), list(starts), list(starts)
+        segments, masks, offset = [], [], batch
+        for row, start, n in zip(rows, pstarts, chunk_lens, strict=True):
+            segments.append((row, start, n, offset))
+            cols = list(range(start, start + n))
+            write_rows += [row] * n
+            write_cols += cols
+            positions += cols
+            q = torch.arange(start, start + n).view(-1, 1)
+            masks.append((torch.arange(start + n).view(1, -1) <= q).view(1, 1, n, start + n).to(self.device))
+            offset += n
+        decode_mask, kv_len = None, 0
+        if batch:
+            kv_len = max(starts) + 1
+            first = torch.tensor(starts).view(-1, 1, 1, 1)
+            decode_mask = (torch.arange(kv_len).view(1, 1, 1, -1) <= first).to(self.device)
+        device = self.device
+        self.plan = PackedPlan(torch.tensor(write_rows, device=device), torch.tensor(write_cols, device=device),
+                               batch, kv_len, decode_mask, segments, masks)
+        for r in range(batch):
+            self.lengths[r] += 1
+        for r, n in zip(rows, chunk_lens, strict=True):
+            self.lengths[r] += n
+        perm = torch.tensor([self.row_of[k] for k in decode_keys], dtype=torch.long)
+        return perm, torch.tensor(positions, dtype=torch.long, device=device)
+
     @torch.inference_mode()
     def release(self, keys: Sequence[Hashable]) -> None:
         """Forget ``keys`` (unknown keys are ignored); each hole is filled by moving one row."""
@@ -168,6 +281,10 @@ class SlotCache(Cache):
         ``[n, H, kv_len, hd]`` for the attention."""
         plan = self.plan
         k_all, v_all = self.keys_[layer_idx], self.values_[layer_idx]
+        if isinstance(plan, PackedPlan):  # [1, H, T, hd]: each token at its (row, column)
+            k_all[plan.write_rows, :, plan.write_cols] = key_states[0].transpose(0, 1).to(k_all.dtype)
+            v_all[plan.write_rows, :, plan.write_cols] = value_states[0].transpose(0, 1).to(v_all.dtype)
+            return k_all, v_all  # packed_attention reads each part's rows
         rows = plan.rows.unsqueeze(1).expand_as(plan.write_cols)  # [n, q]
         k_all[rows, :, plan.write_cols] = key_states.transpose(1, 2).to(k_all.dtype)  # [n, q, H, hd]
         v_all[rows, :, plan.write_cols] = value_states.transpose(1, 2).to(v_all.dtype)

@@ -45,32 +45,37 @@ class RowAdapters:
             start += rank
         self.total_rank = start
         self.single: tuple[int, int] | None = None  # columns of the one adapter every row uses
-        self.mask: torch.Tensor | None = None  # [N, 1, R_total] when rows differ
+        self.mask: torch.Tensor | None = None  # [N, 1, R_total] when rows differ ([1, T, R_total] per token)
         self.active = False  # False: every row is the bare base
         self._key: tuple[str, ...] | None = None
 
-    def rows(self, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
-        """Set the plan for a forward whose row i runs adapter ``names[i]`` (or ``"__base__"``)."""
-        key = tuple(names)
+    def tokens(self, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
+        """Set the plan for a packed forward (batch 1) whose token t runs adapter ``names[t]``."""
+        self.rows(names, device, dtype, per_token=True)
+
+    def rows(self, names: Sequence[str], device: torch.device, dtype: torch.dtype, per_token: bool = False) -> None:
+        """Set the plan for a forward whose row i runs adapter ``names[i]`` (or ``"__base__"``);
+        ``per_token``: of a packed forward whose token i does (the mask is ``[1, T, R_total]``)."""
+        key = (per_token, *names)
         if key == self._key and (self.mask is None or self.mask.device == device):
             return  # decode steps repeat the same rows: the plan is reused
-        unknown = sorted(set(key) - set(self.offsets) - {BASE})
+        unknown = sorted(set(names) - set(self.offsets) - {BASE})
         if unknown:
             raise KeyError(f"adapters {unknown} are not loaded; loaded: {self.names}")
-        distinct = set(key)
+        distinct = set(names)
         self._key, self.mask, self.single = key, None, None
         self.active = distinct != {BASE}
         if not self.active:
             return
         if len(distinct) == 1:
-            self.single = self.offsets[key[0]]
+            self.single = self.offsets[names[0]]
             return
-        mask = torch.zeros((len(key), 1, self.total_rank), dtype=dtype)
-        for row, name in enumerate(key):
+        mask = torch.zeros((len(names), self.total_rank), dtype=dtype)
+        for row, name in enumerate(names):
             if name != BASE:
                 start, end = self.offsets[name]
-                mask[row, 0, start:end] = 1
-        self.mask = mask.to(device)
+                mask[row, start:end] = 1
+        self.mask = (mask.unsqueeze(0) if per_token else mask.unsqueeze(1)).to(device)
 
 
 class RowLoRALinear(nn.Module):

@@ -10,7 +10,8 @@ every member's call before it waits on any (``engine.core.resolve``), so by the 
 ``result()`` every call of the step is pending, and the host runs them all in one forward:
 
     decode:   rows of every member, in call order     -> hidden [R, d]      -> each call's slice
-    prefill:  prompts of every member, left-padded    -> hidden [R, L, d]   -> each call's slice
+    prefill:  prompts of every member, right-padded   -> hidden [R, L, d]   -> each call's slice
+    both:     a step's decode calls, then its prefill calls: one packed forward (``packed_rows``)
 
 and each member turns its slice into Scores (its own LM head, or the IMSM gate first). The row
 order is stable between steps, so the cache is not reordered. Calls still pending when the host is
@@ -53,6 +54,8 @@ class SharedBase(HFMember):
     name each; it is not itself a member of a composition: ``SharedMember`` views are.
     """
 
+    packs_steps = False  # not a member; its members' pending decode + prefill calls pack in ``flush``
+
     def __init__(self, lm: torch.nn.Module, tokenizer, adapters: dict[str, str] | None = None) -> None:
         """``lm``: a transformers causal LM, and ``adapters`` {name: PEFT folder} to load on it; or a
         ``PeftModel`` whose loaded adapters are taken as they are (its LoRA layers are replaced)."""
@@ -76,8 +79,8 @@ class SharedBase(HFMember):
         (prefill: each key's next chunk of prompt) or ``last_tokens [n]`` (decode);
         ``finish(Chunk | hidden [n, d]) -> Scores`` shapes the result; Scores whose ``logits`` are
         None get the LM head of their ``hidden`` in one product with the other calls'."""
-        if self._pending and self._pending[0].kind != kind:
-            self.flush()
+        if self._pending and (self._pending[-1].kind, kind) == ("prefill", "decode"):
+            self.flush()  # decode calls then prefill calls go in one packed forward; not the reverse
         call = RowCall(self, kind, keys, adapters, inputs, finish)
         self._pending.append(call)
         return call
@@ -90,16 +93,23 @@ class SharedBase(HFMember):
             return
         keys = [k for c in calls for k in c.keys]
         self._row_adapters = [a for c in calls for a in c.adapters]
-        if calls[0].kind == "decode":
-            last = torch.cat([c.inputs.reshape(-1) for c in calls])
-            out = self.decode_rows(keys, last)  # hidden [R, d], in the order of keys
+        decoding = [c for c in calls if c.kind == "decode"]  # submit() keeps them before prefill calls
+        prefilling = calls[len(decoding) :]
+        d_keys, p_keys = keys[: sum(len(c.keys) for c in decoding)], keys[sum(len(c.keys) for c in decoding) :]
+        last = torch.cat([c.inputs.reshape(-1) for c in decoding]) if decoding else None
+        pieces = [p for c in prefilling for p in c.inputs]
+        if decoding and prefilling:  # a step's decode and prefill chunk: one packed forward
+            hidden, chunk = self.packed_rows(d_keys, last, p_keys, pieces)
         else:
-            out = self.prefill_rows(keys, [p for c in calls for p in c.inputs])  # a Chunk
-        start, scores = 0, []
-        for call in calls:
-            end = start + len(call.keys)
-            scores.append(call.finish(out[start:end] if isinstance(out, torch.Tensor) else out.rows(start, end)))
-            start = end
+            hidden = self.decode_rows(d_keys, last) if decoding else None  # [R, d], in the order of keys
+            chunk = self.prefill_rows(p_keys, pieces) if prefilling else None
+        scores = []
+        for group, out in ((decoding, hidden), (prefilling, chunk)):
+            start = 0
+            for call in group:
+                end = start + len(call.keys)
+                scores.append(call.finish(out[start:end] if isinstance(out, torch.Tensor) else out.rows(start, end)))
+                start = end
         heads = [sc for sc in scores if sc.logits is None]  # the LM head once for every call (it reads
         if heads:  # the whole [V, d] matrix: one product, not one per member)
             logits = self.logits(torch.cat([sc.hidden for sc in heads])).split([len(sc.hidden) for sc in heads])
@@ -123,6 +133,20 @@ class SharedBase(HFMember):
     def run_decoder(self, ids, mask, positions, cache):
         self.plan.rows(self._row_adapters, self.device, self.dtype)
         return super().run_decoder(ids, mask, positions, cache)
+
+    def before_packed(self, perm: torch.Tensor, chunk_lens: list[int]) -> None:
+        """A packed forward runs the decode rows in the cache's order, then each chunk's tokens:
+        one adapter name per token, in that order."""
+        b = len(perm)
+        physical = [""] * b
+        for name, row in zip(self._row_adapters[:b], perm.tolist(), strict=True):
+            physical[row] = name
+        self._token_adapters = physical + [a for a, n in zip(self._row_adapters[b:], chunk_lens, strict=True)
+                                           for _ in range(n)]
+
+    def run_packed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.plan.tokens(self._token_adapters, self.device, self.dtype)
+        return super().run_packed(ids, positions)
 
     def forward_sequences(self, ids: torch.Tensor, mask: torch.Tensor, adapters: Sequence[str] = ()) -> torch.Tensor:
         """Teacher forcing (``HFMember.forward_sequences``) with one adapter name per row."""

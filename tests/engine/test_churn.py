@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from compose_serve.composition import build_composition
 from compose_serve.config import parse_composition
 from compose_serve.engine import Engine, Request
+from compose_serve.members.hf import HFMember
 from compose_serve.sampling import SamplingParams
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Compose models at decoding time",
@@ -32,11 +33,15 @@ def _members(tiny, kind):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "two_forwards"])
 @pytest.mark.parametrize("kind", ["plain", "shared_mixture"])
-def test_random_admissions_aborts_and_chunks_match_a_no_cache_recompute(tiny, kind):
+def test_random_admissions_aborts_and_chunks_match_a_no_cache_recompute(tiny, kind, pack, monkeypatch):
     members, adapters = _members(tiny, kind)
     spec = parse_composition({"name": "churn", "method": "mixture", "members": members})
-    engine = Engine(build_composition(spec), max_batch=3, max_prefill_tokens=5)
+    engine = Engine(build_composition(spec), max_batch=3, max_prefill_tokens=5, pack_steps=pack)
+    packed = []  # packed forwards (a step's decode and prefill chunk in one)
+    inner = HFMember.packed_rows
+    monkeypatch.setattr(HFMember, "packed_rows", lambda self, *a: packed.append(1) or inner(self, *a))
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
     rng = random.Random(0)
     waiting = []
@@ -82,6 +87,7 @@ def test_random_admissions_aborts_and_chunks_match_a_no_cache_recompute(tiny, ki
             ids.append(token)
             checked += 1
     assert checked > 20 and len(aborted) >= 1
+    assert (len(packed) >= 5) if pack else not packed
 
 
 @torch.no_grad()

@@ -40,10 +40,12 @@ def _logits(model, ids):
     return model(torch.tensor([ids])).logits[0, -1].float()
 
 
-def _run(tiny, config, reference, max_batch=2, extra=None):
-    """Generate greedily with the engine; at each step compare with ``reference(ids, n_prompt) -> [V]``."""
+def _run(tiny, config, reference, max_batch=2, extra=None, max_prefill_tokens=None):
+    """Generate greedily with the engine; at each step compare with ``reference(ids, n_prompt) -> [V]``.
+    A small ``max_prefill_tokens`` chunks the prompts, so the later ones are prefilled in the same
+    (packed) forwards as the earlier ones' decode steps."""
     spec = parse_composition(config)
-    engine = Engine(build_composition(spec), max_batch=max_batch)
+    engine = Engine(build_composition(spec), max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
     params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=20)
     requests = [Request(tok.encode(p), params, composition=extra) for p in PROMPTS]
@@ -202,8 +204,8 @@ def _write_gate(path, d, rank=8, use_query=True, seed=0):
     return state
 
 
-@pytest.mark.parametrize("use_query", [True, False])
-def test_interweave_trained_gate(tiny, tmp_path, use_query):
+@pytest.mark.parametrize("use_query, budget", [(True, None), (False, None), (True, 3)])
+def test_interweave_trained_gate(tiny, tmp_path, use_query, budget):
     base, adapted = _load(tiny["a"]), _load(tiny["a"], tiny["lora_a"])
     d = base.config.hidden_size
     state = _write_gate(tmp_path / "gate.safetensors", d, use_query=use_query)
@@ -222,7 +224,7 @@ def test_interweave_trained_gate(tiny, tmp_path, use_query):
 
     config = {"name": "imsm", "method": "interweave", "params": {"gate": str(tmp_path / "gate.safetensors")},
               "members": [_member("pair", tiny["a"], adapter=str(tiny["lora_a"]))]}
-    _, outs = _run(tiny, config, reference)
+    _, outs = _run(tiny, config, reference, max_prefill_tokens=budget)
     gate_mean = outs[0].diagnostics[0]["gate_mean"]["pair"]
     assert 0.0 < gate_mean < 1.0
 
