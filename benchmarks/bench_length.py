@@ -17,6 +17,9 @@ Suites (each writes its rows and ratios into ``benchmarks/results/length_<device
   against without it, at each ``--budgets`` value of ``engine.max_prefill_tokens`` (the burst is
   dropped once the eight streams are done: their tokens all came while it was being prefilled).
   Target: <= 2x.
+
+``churn`` and ``burst`` run with the engine's packed steps (a step's decode and prefill chunk in
+one forward) on and off, ``--pack on off``, in the same run.
 """
 
 from __future__ import annotations
@@ -133,8 +136,9 @@ async def _dropper(engine: AsyncEngine, stop: asyncio.Event, seed: int) -> int:
 
 
 def suite_churn(composition, args) -> dict:
-    async def run(with_drops: bool) -> tuple[float, int]:
+    async def run(with_drops: bool, pack: bool) -> tuple[float, int]:
         engine = AsyncEngine.from_composition(composition, max_batch=16)
+        engine.engine.pack_steps = pack
         stop = asyncio.Event()
         droppers = [asyncio.create_task(_dropper(engine, stop, 1000 * i)) for i in range(8)] if with_drops else []
         started = time.perf_counter()
@@ -145,27 +149,34 @@ def suite_churn(composition, args) -> dict:
         engine.close()
         return wall, dropped
 
-    alone, drops = [], []
-    dropped = 0
-    for _ in range(args.repeats):
-        alone.append(asyncio.run(run(False))[0])
-        wall, n = asyncio.run(run(True))
-        drops.append(wall)
-        dropped += n
-    ratio = statistics.median(drops) / statistics.median(alone)
-    print(f"churn: alone {statistics.median(alone):.2f} s, with 8 drop loops {statistics.median(drops):.2f} s "
-          f"({ratio:.2f}x; {dropped} requests dropped)", file=sys.stderr, flush=True)
-    return {"unit": "seconds for 8 streams", "tokens_per_stream": args.tokens, "alone": summary(alone),
-            "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
-            "ratios": {"with_drops_vs_alone": ratio}, "targets": {"with_drops_vs_alone": "<= 1.3"}}
+    out = {"unit": "seconds for 8 streams", "tokens_per_stream": args.tokens, "targets": {"with_drops_vs_alone": "<= 1.3"}}
+    for pack in args.pack:
+        alone, drops = [], []
+        dropped = 0
+        for _ in range(args.repeats):
+            alone.append(asyncio.run(run(False, pack == "on"))[0])
+            wall, n = asyncio.run(run(True, pack == "on"))
+            drops.append(wall)
+            dropped += n
+        ratio = statistics.median(drops) / statistics.median(alone)
+        print(f"churn, packing {pack}: alone {statistics.median(alone):.2f} s, with 8 drop loops "
+              f"{statistics.median(drops):.2f} s ({ratio:.2f}x; {dropped} requests dropped)", file=sys.stderr, flush=True)
+        row = {"alone": summary(alone), "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
+               "ratios": {"with_drops_vs_alone": ratio}}
+        if pack == "on":
+            out.update(row)
+        else:
+            out["unpacked"] = row
+    return out
 
 
 def suite_burst(composition, args) -> dict:
-    async def run(budget: int, burst: bool) -> tuple[list[float], list[float]]:
+    async def run(budget: int, burst: bool, pack: bool) -> tuple[list[float], list[float]]:
         """The 8 streams' inter-token gaps, and the TTFT of each burst request that got its first
         token before the 8 streams ended (seconds from the burst's arrival)."""
         engine = AsyncEngine.from_composition(composition, max_batch=40)
         engine.engine.max_prefill_tokens = budget
+        engine.engine.pack_steps = pack
         streams = [asyncio.create_task(_stream(engine, prompt_of(24, i), args.tokens)) for i in range(8)]
         await asyncio.sleep(0.5)  # the eight streams are decoding
         sent = time.perf_counter()
@@ -181,21 +192,24 @@ def suite_burst(composition, args) -> dict:
         return gaps, [seen[0] - sent for seen in burst_arrivals if seen]
 
     rows = {}
-    for budget in args.budgets:
-        base, _ = asyncio.run(run(budget, False))
-        with_burst, ttfts = asyncio.run(run(budget, True))
-        p90 = {"alone": summary(base)["p90"], "burst": summary(with_burst)["p90"]}
-        rows[budget] = {"itl_alone_s": summary(base), "itl_with_burst_s": summary(with_burst),
-                        "p90_ratio": p90["burst"] / p90["alone"],
-                        "burst_first_tokens_while_streams_ran": len(ttfts),
-                        "burst_ttft_s": summary(ttfts) if ttfts else None}
-        print(f"burst, max_prefill_tokens {budget}: p90 ITL {1e3 * p90['alone']:.0f} ms alone, "
-              f"{1e3 * p90['burst']:.0f} ms with the burst ({rows[budget]['p90_ratio']:.2f}x); "
-              f"{len(ttfts)}/32 burst requests had their first token before the streams ended", file=sys.stderr,
-              flush=True)
+    for pack in args.pack:
+        for budget in args.budgets:
+            base, _ = asyncio.run(run(budget, False, pack == "on"))
+            with_burst, ttfts = asyncio.run(run(budget, True, pack == "on"))
+            p90 = {"alone": summary(base)["p90"], "burst": summary(with_burst)["p90"]}
+            row = rows[f"{budget}" if pack == "on" else f"{budget}_unpacked"] = {
+                "max_prefill_tokens": budget, "packed_steps": pack == "on",
+                "itl_alone_s": summary(base), "itl_with_burst_s": summary(with_burst),
+                "p90_ratio": p90["burst"] / p90["alone"],
+                "burst_first_tokens_while_streams_ran": len(ttfts),
+                "burst_ttft_s": summary(ttfts) if ttfts else None}
+            print(f"burst, max_prefill_tokens {budget}, packing {pack}: p90 ITL {1e3 * p90['alone']:.0f} ms alone, "
+                  f"{1e3 * p90['burst']:.0f} ms with the burst ({row['p90_ratio']:.2f}x); "
+                  f"{len(ttfts)}/32 burst requests had their first token before the streams ended", file=sys.stderr,
+                  flush=True)
     # The streams' own 24-token prompts are chunked too, so a small budget slows their first steps
     # even alone; the budget-independent reference is their p90 alone at the largest budget.
-    reference = rows[max(rows)]["itl_alone_s"]["p90"]
+    reference = min(row["itl_alone_s"]["p90"] for row in rows.values() if row["max_prefill_tokens"] == max(args.budgets))
     for row in rows.values():
         row["p90_ratio_vs_alone_at_largest_budget"] = row["itl_with_burst_s"]["p90"] / reference
     return {"unit": "inter-token latency of the 8 running streams, seconds", "tokens_per_stream": args.tokens,
@@ -213,6 +227,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 256],
                         help="engine.max_prefill_tokens values of the burst suite (0: no limit)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pack", nargs="+", choices=["on", "off"], default=["on", "off"],
+                        help="churn and burst with the engine's packed steps on and/or off (same run)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
