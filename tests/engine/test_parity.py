@@ -122,8 +122,8 @@ def _prompt_nll(model, ids):
     return float(-logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean()) if len(ids) > 1 else 0.0
 
 
-@pytest.mark.parametrize("method", ["mixture", "logit_mix"])
-def test_prompt_perplexity_weights(tiny, method):
+@pytest.mark.parametrize("method, budget", [("mixture", None), ("logit_mix", None), ("mixture", 3)])
+def test_prompt_perplexity_weights(tiny, method, budget):
     a, b = _load(tiny["a"]), _load(tiny["b"])
     tau = 2.0
 
@@ -137,7 +137,7 @@ def test_prompt_perplexity_weights(tiny, method):
 
     config = {"name": "pp", "method": method, "params": {"weights": "prompt_perplexity", "tau": tau},
               "members": [_member("a", tiny["a"]), _member("b", tiny["b"])]}
-    _run(tiny, config, reference)
+    _run(tiny, config, reference, max_prefill_tokens=budget)
 
 
 def test_logit_mix_fixed(tiny):
