@@ -58,6 +58,10 @@ class Composition:
         block ``layer`` (from the first member, its adapter disabled)."""
         return self.members[0].prompt_features(token_ids, layer, pooling)
 
+    def prompt_features_chunk(self, state, piece: list[int], layer: int, pooling: str) -> None:
+        """``prompt_features`` for one prompt, a chunk at a time (``router.FeatureState``)."""
+        self.members[0].prompt_features_chunk(state, piece, layer, pooling)
+
 
 def load_member(spec: MemberSpec, interweave_params=None) -> Member:
     """Load one member on its own copy of its model (a siamese pair when ``interweave_params``)."""

@@ -6,6 +6,7 @@ final norm), pooled over the prompt. The forward stops right after that block, s
 ``layer / num_layers`` of a prefill.
 
     layer_features(decoder, input_ids [n, L], attention_mask [n, L], layer, pooling) -> [n, d] float32
+    chunk_features(decoder, state, piece, layer, pooling)   one prompt, a chunk at a time (the engine)
     Router.probs(features [n, d]) -> [n, K] = softmax(((f - mean) / std) @ weight.T + bias)
 
 Inputs are LEFT-padded (as the engine pads prompts): position ids count real tokens only, ``mean``
@@ -84,6 +85,57 @@ def multi_layer_features(
         for handle in handles:
             handle.remove()
     return pooled
+
+
+@dataclass
+class FeatureState:
+    """One prompt's router features computed chunk by chunk (the engine routes a long prompt under
+    its prefill budget, between decode steps): the blocks below ``layer`` keep a cache of what
+    they saw, and the pooled output of block ``layer`` is accumulated."""
+
+    cache: object | None = None  # a transformers DynamicCache (blocks below ``layer`` only)
+    seen: int = 0  # prompt tokens taken so far
+    pooled: torch.Tensor | None = None  # [d] float32: the sum (mean pooling) or the last output
+
+    def features(self, pooling: str) -> torch.Tensor:
+        """``[d]`` float32: the pooled output of block ``layer`` over the ``seen`` tokens."""
+        return self.pooled / max(self.seen, 1) if pooling == "mean" else self.pooled
+
+
+def chunk_features(decoder: torch.nn.Module, state: FeatureState, piece: list[int], layer: int, pooling: str,
+                   cache_kwarg: str = "cache") -> None:
+    """Take the next ``piece`` of one prompt into ``state`` (blocks 1..``layer`` of ``decoder``, no
+    adapter active, and no further). The features of the whole prompt equal ``layer_features``'s
+    for it, whatever the chunks."""
+    from transformers import DynamicCache
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if state.cache is None:
+        state.cache = DynamicCache(config=decoder.config)
+    out: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        out.append(output[0] if isinstance(output, tuple) else output)  # [1, c, d]
+        raise _StopForward
+
+    device = next(decoder.parameters()).device
+    ids = torch.tensor([piece], dtype=torch.long, device=device)
+    positions = torch.arange(state.seen, state.seen + len(piece), device=device).unsqueeze(0)
+    handle = decoder.layers[layer - 1].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            decoder(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kwarg: state.cache})
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    hidden = out[0][0].float()  # [c, d]
+    if pooling == "last":
+        state.pooled = hidden[-1]
+    else:
+        state.pooled = hidden.sum(dim=0) + (0 if state.pooled is None else state.pooled)
+    state.seen += len(piece)
 
 
 def layer_features(

@@ -10,10 +10,12 @@
     5. stop    EOS / stop ids / stop strings / max_tokens; finished slots are released at once
     6. emit    one TokenEvent per sequence
 ``Engine.add(requests)`` admits new sequences at a step boundary: a routed composition first asks
-its router which members run for each (``_route``); then their prompts are prefilled in chunks
-under a per-step token budget (``max_prefill_tokens``; batched per member, members on one shared
-base in one forward), one chunk forward in ``add`` and one after the decode of every ``step``, so
-running streams keep their pace while a long prompt or a burst comes in. A sequence whose prompt
+its router which members run for each, reading each prompt through the shared base's first blocks
+chunk by chunk under the same budget (``_route_chunk``); then their prompts are prefilled in
+chunks under a per-step token budget (``max_prefill_tokens``; batched per member, members on one
+shared base in one forward), one chunk forward in ``add`` and one packed into the decode forward
+of every ``step`` (``_packed_step``), so running streams keep their pace while a long prompt or a
+burst comes in. A sequence whose prompt
 is complete gets its first token from the fused scores of the whole prompt (steps 2-6 on its last
 chunk's scores) and joins the running batch.
 Prompt log-probs (``params.prompt_logprobs``): when its prompt is complete, a sequence's prompt is
@@ -40,6 +42,7 @@ from ..composition import Composition
 from ..errors import InvalidRequestError
 from ..members.base import Scores
 from ..methods.base import Method
+from ..router import FeatureState
 from ..sampling import Sampler, SamplerOutput, make_generator
 from .admission import check_request
 from .detokenizer import Detokenizer
@@ -107,8 +110,12 @@ class Engine:
             raise RuntimeError(f"{len(requests)} requests but only {self.free_slots} free slots")
         weights = [self.check(r) for r in requests]  # all checked before any slot is taken
         seqs = [self._admit(r, w) for r, w in zip(requests, weights, strict=True)]
-        if self.method.router is not None:
-            self._route([s for s in seqs if not s.request.composition])  # a request's own weights win
+        if self.method.router is not None:  # a request's own weights win
+            routed = [s for s in seqs if not s.request.composition]
+            self._route([s for s in routed if s.request.params.max_tokens == 0])  # scored now, at once
+            for seq in routed:  # the others are routed chunk by chunk, under the prefill budget
+                if seq.request.params.max_tokens > 0:
+                    seq.routing = FeatureState()
         scored = [s for s in seqs if s.request.params.max_tokens == 0]  # prompt log-probs only
         events = self._score_only(scored) if scored else []
         self.prefilling.extend(s for s in seqs if s.request.params.max_tokens > 0)
@@ -117,7 +124,7 @@ class Engine:
     def _prefill_chunk(self) -> list[TokenEvent]:
         """One prefill forward (per member) over the next prompt tokens of the prefilling
         sequences, front first, within the budget; completed prompts get their first token."""
-        seqs, pieces = self._next_chunk()
+        seqs, pieces = self._next_chunk(self._route_chunk())
         nll = self.method.uses_prompt_nll
         with self._chunk_undone_on_failure(seqs):
             scores = []
@@ -128,12 +135,48 @@ class Engine:
             scores = resolve(scores)
         return self._finish_chunk(seqs, pieces, scores)
 
-    def _next_chunk(self) -> tuple[list[Sequence], list[list[int]]]:
-        """The prefilling sequences this step's chunk covers (front first) and their next pieces
-        of prompt, within ``max_prefill_tokens``."""
+    def _route_chunk(self) -> float:
+        """Routing under the budget: the next pieces of the prompts still being routed (front
+        first) go through the shared base's first ``router.layer`` blocks (``router.FeatureState``,
+        one forward per prompt); a prompt whose features are complete gets its weights from the
+        router (``Method.route``: top_k, min_confidence) and is prefilled from then on. Returns the
+        budget left for the members' chunk."""
         budget = self.max_prefill_tokens or float("inf")
+        router = self.method.router
+        routing = [s for s in self.prefilling if s.routing is not None]
+        if not routing:
+            return budget
+        done = []
+        for seq in routing:
+            if budget <= 0:
+                break
+            state = seq.routing
+            n = int(min(len(seq.request.prompt_ids) - state.seen, budget))
+            try:
+                self.composition.prompt_features_chunk(state, seq.request.prompt_ids[state.seen : state.seen + n],
+                                                       router.layer, router.pooling)
+            except Exception:
+                seq.routing = FeatureState()  # its routing starts over
+                raise
+            budget -= n
+            if state.seen == len(seq.request.prompt_ids):
+                done.append(seq)
+        if done:
+            probs = router.probs(torch.stack([s.routing.features(router.pooling) for s in done]).cpu())  # [n, K]
+            for seq, w, p in zip(done, self.method.route(probs), probs, strict=True):
+                seq.weights, seq.router_probs, seq.routing = w, p, None
+        return budget
+
+    def _next_chunk(self, budget: float | None = None) -> tuple[list[Sequence], list[list[int]]]:
+        """The prefilling sequences this step's chunk covers (front first) and their next pieces
+        of prompt, within ``budget`` (default ``max_prefill_tokens``); prompts still being routed
+        wait."""
+        if budget is None:
+            budget = self.max_prefill_tokens or float("inf")
         seqs, pieces = [], []
         for seq in self.prefilling:
+            if seq.routing is not None:
+                continue
             if budget <= 0:
                 break
             n = int(min(len(seq.request.prompt_ids) - seq.prefilled, budget))
@@ -275,7 +318,7 @@ class Engine:
         in ``packed``; members on one shared base get every decode call, then every prefill call,
         and their host packs them in its one forward; any other member runs the two in turn."""
         running = list(self.running)
-        seqs, pieces = self._next_chunk()
+        seqs, pieces = self._next_chunk(self._route_chunk())
         last = torch.tensor([s.output_ids[-1] for s in running], device=self.device)  # [B]
         nll = self.method.uses_prompt_nll
         plans = [([i for i, s in enumerate(running) if s.uses[k]], [i for i, s in enumerate(seqs) if s.uses[k]])

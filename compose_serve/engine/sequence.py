@@ -94,6 +94,9 @@ class Sequence:
     router_probs: torch.Tensor | None = None  # [K], when a router chose the weights
     #: structured outputs: this sequence's grammar matcher (``compose_serve.structured.Matcher``)
     grammar: object | None = None
+    #: a routed request whose router features are still being computed, chunk by chunk
+    #: (``router.FeatureState``); None once routed (its weights are then the router's)
+    routing: object | None = None
     #: the fused samplers' Philox seed base (the request's seed, else random); a step's seed mixes
     #: it with the number of tokens drawn so far (``step_seed``)
     noise_seed: int = 0

@@ -288,6 +288,15 @@ class HFMember(Member):
         with self.bare_base(len(token_ids)):
             return layer_features(self.decoder, ids, mask, layer, pooling)
 
+    @torch.inference_mode()
+    def prompt_features_chunk(self, state, piece: list[int], layer: int, pooling: str) -> None:
+        """The next ``piece`` of one prompt into its router ``state`` (``router.chunk_features``),
+        on the bare model as ``prompt_features``."""
+        from ..router import chunk_features
+
+        with self.bare_base(1):
+            chunk_features(self.decoder, state, piece, layer, pooling, self._cache_kw)
+
     def bare_base(self, rows: int):
         """A context in which a forward of ``rows`` rows runs the model without its adapter."""
         return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()

@@ -211,6 +211,10 @@ class SharedMember(Member):
     def prompt_features(self, token_ids, layer: int, pooling: str) -> torch.Tensor:
         return self.host.prompt_features(token_ids, layer, pooling)
 
+    def prompt_features_chunk(self, state, piece: list[int], layer: int, pooling: str) -> None:
+        self.host.flush()  # the bare-base plan must not leak into a pending call's forward
+        self.host.prompt_features_chunk(state, piece, layer, pooling)
+
 
 def load_adapters(lm: torch.nn.Module, adapters: dict[str, str]):
     """``lm`` wrapped by PEFT with every adapter loaded under its member's name."""

@@ -99,6 +99,10 @@ class SiameseMember(Member):
     def prompt_features(self, token_ids, layer: int, pooling: str) -> torch.Tensor:
         return self.host.prompt_features(token_ids, layer, pooling)
 
+    def prompt_features_chunk(self, state, piece: list[int], layer: int, pooling: str) -> None:
+        self.host.flush()  # the bare-base plan must not leak into a pending call's forward
+        self.host.prompt_features_chunk(state, piece, layer, pooling)
+
     def _fuse(self, last_hidden: torch.Tensor, means: torch.Tensor) -> Scores:
         """``last_hidden [2B, d]`` (rows base, adapted, base, ...), ``means [B, 2, d]``."""
         streams = last_hidden.view(-1, 2, last_hidden.shape[-1])  # [B, 2, d]

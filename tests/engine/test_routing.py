@@ -86,6 +86,38 @@ def test_router_probabilities_equal_the_classifier_by_hand_and_top1_runs_one_mem
         assert calls[name] == chosen.count(name) * 4, (name, calls, chosen)
 
 
+def test_a_long_prompt_is_routed_in_chunks_between_decode_steps(tiny, tmp_path, router_weights):
+    """Under a 4-token budget the router reads a 40-token prompt over 10 steps while two others
+    decode: its probabilities still equal the classifier by hand on the whole prompt, and the
+    running sequences' tokens are those they get without it."""
+    weight, bias = router_weights
+    composition = build_composition(_spec(tiny, _router(tmp_path, weight, bias), top_k=1))
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    chunks = []
+    inner = composition.prompt_features_chunk
+    composition.prompt_features_chunk = lambda state, piece, *a: chunks.append(len(piece)) or inner(state, piece, *a)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    early = [Request(tok.encode(p), params) for p in PROMPTS[:2]]
+    alone = Engine(composition, max_batch=3, max_prefill_tokens=4).generate(
+        [Request(r.prompt_ids, params) for r in early])
+    long_ids = (tok.encode(" ".join(PROMPTS)) * 3)[:40]
+    engine = Engine(composition, max_batch=3, max_prefill_tokens=4)
+    engine.add(early)
+    while engine.prefilling:
+        engine.step()
+    chunks.clear()
+    events = engine.step() + engine.add([Request(long_ids, params, request_id="long")])
+    while engine.busy:
+        events += engine.step()
+    assert chunks == [4] * 10  # the router read the prompt 4 tokens a step
+    first = next(e for e in events if e.request_id == "long")
+    np.testing.assert_allclose([first.diagnostics["router"][n] for n in NAMES],
+                               _hand_probs(tiny, long_ids, weight, bias), atol=1e-5)
+    for request, want in zip(early, alone, strict=True):
+        got = [e.token_id for e in events if e.request_id == request.request_id]
+        assert got == want.token_ids[len(want.token_ids) - len(got):]
+
+
 def test_top1_greedy_tokens_and_logprobs_equal_the_member_served_alone(tiny, tmp_path, router_weights):
     weight, bias = router_weights
     routed = Engine(build_composition(_spec(tiny, _router(tmp_path, weight, bias), top_k=1)), max_batch=3)
