@@ -204,7 +204,8 @@ def suite_burst(composition, args) -> dict:
                 "burst_first_tokens_while_streams_ran": len(ttfts),
                 "burst_ttft_s": summary(ttfts) if ttfts else None}
             print(f"burst, max_prefill_tokens {budget}, packing {pack}: p90 ITL {1e3 * p90['alone']:.0f} ms alone, "
-                  f"{1e3 * p90['burst']:.0f} ms with the burst ({row['p90_ratio']:.2f}x); "
+                  f"{1e3 * p90['burst']:.0f} ms with the burst ({row['p90_ratio']:.2f}x; longest gap "
+                  f"{1e3 * row['itl_with_burst_s']['max']:.0f} ms); "
                   f"{len(ttfts)}/32 burst requests had their first token before the streams ended", file=sys.stderr,
                   flush=True)
     # The streams' own 24-token prompts are chunked too, so a small budget slows their first steps
@@ -217,6 +218,17 @@ def suite_burst(composition, args) -> dict:
             "rows": {str(b): r for b, r in rows.items()}, "targets": {"p90_ratio": "<= 2"}}
 
 
+def _route_at_admission(self) -> float:
+    """``Engine._route_chunk`` as it was before chunked routing: every prompt waiting for the
+    router is read whole, at once (so at admission), whatever the budget."""
+    seqs = [s for s in self.prefilling if s.routing is not None]
+    for seq in seqs:
+        seq.routing = None
+    if seqs:
+        self._route(seqs)
+    return self.max_prefill_tokens or float("inf")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suites", nargs="+", default=["length", "churn", "burst"])
@@ -227,6 +239,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 256],
                         help="engine.max_prefill_tokens values of the burst suite (0: no limit)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--route-at-admission", action="store_true",
+                        help="a routed composition's router reads every new prompt whole at admission (the "
+                             "behaviour before chunked routing), for a same-machine comparison")
+    parser.add_argument("--config", default="smollm2",
+                        help="built-in config or YAML (default: SmolLM2 alone; 'default': the routed composition)")
     parser.add_argument("--pack", nargs="+", choices=["on", "off"], default=["on", "off"],
                         help="churn and burst with the engine's packed steps on and/or off (same run)")
     parser.add_argument("--threads", type=int, default=None)
@@ -234,7 +251,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    composition = build_composition(load_composition("smollm2"))
+    if args.route_at_admission:
+        Engine._route_chunk = _route_at_admission
+    composition = build_composition(load_composition(args.config))
     device = composition.members[0].device.type
     out = args.out or Path(__file__).resolve().parent / "results" / f"length_{device}.json"
     result = json.loads(out.read_text()) if out.is_file() else {}
@@ -243,7 +262,7 @@ def main() -> None:
         load = os.getloadavg()
         result[name] = {**suites[name](composition, args), "load_average_before": load,
                         "load_average_after": os.getloadavg()}
-    result["conditions"] = conditions(model="SmolLM2-135M-Instruct (built-in smollm2)", dtype="float32",
+    result["conditions"] = conditions(model=f"SmolLM2-135M-Instruct (config {args.config!r})", dtype="float32",
                                       device=device, command=" ".join(["python", *sys.argv]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
