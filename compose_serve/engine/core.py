@@ -136,35 +136,42 @@ class Engine:
         return self._finish_chunk(seqs, pieces, scores)
 
     def _route_chunk(self) -> float:
-        """Routing under the budget: the next pieces of the prompts still being routed (front
-        first) go through the shared base's first ``router.layer`` blocks (``router.FeatureState``,
-        one forward per prompt); a prompt whose features are complete gets its weights from the
-        router (``Method.route``: top_k, min_confidence) and is prefilled from then on. Returns the
-        budget left for the members' chunk."""
+        """Routing under the budget: the prompts still being routed (front first) are read through
+        the shared base's first ``router.layer`` blocks: those that fit the budget left whole, in one
+        batched forward (``Composition.prompt_features``), a longer one chunk by chunk across steps
+        (``router.FeatureState``, one forward per prompt). A prompt whose features are complete
+        gets its weights from the router (``Method.route``: top_k, min_confidence) and is
+        prefilled from then on. Returns the budget left for the members' chunk."""
         budget = self.max_prefill_tokens or float("inf")
         router = self.method.router
         routing = [s for s in self.prefilling if s.routing is not None]
         if not routing:
             return budget
-        done = []
+        whole, done = [], []
         for seq in routing:
             if budget <= 0:
                 break
-            state = seq.routing
-            n = int(min(len(seq.request.prompt_ids) - state.seen, budget))
+            state, prompt = seq.routing, seq.request.prompt_ids
+            n = int(min(len(prompt) - state.seen, budget))
+            budget -= n
+            if state.seen == 0 and n == len(prompt):
+                whole.append(seq)
+                continue
             try:
-                self.composition.prompt_features_chunk(state, seq.request.prompt_ids[state.seen : state.seen + n],
-                                                       router.layer, router.pooling)
+                self.composition.prompt_features_chunk(state, prompt[state.seen : state.seen + n], router.layer,
+                                                       router.pooling)
             except Exception:
                 seq.routing = FeatureState()  # its routing starts over
                 raise
-            budget -= n
-            if state.seen == len(seq.request.prompt_ids):
+            if state.seen == len(prompt):
                 done.append(seq)
+        self._route(whole)
         if done:
             probs = router.probs(torch.stack([s.routing.features(router.pooling) for s in done]).cpu())  # [n, K]
             for seq, w, p in zip(done, self.method.route(probs), probs, strict=True):
-                seq.weights, seq.router_probs, seq.routing = w, p, None
+                seq.weights, seq.router_probs = w, p
+        for seq in whole + done:
+            seq.routing = None
         return budget
 
     def _next_chunk(self, budget: float | None = None) -> tuple[list[Sequence], list[list[int]]]:
