@@ -176,20 +176,7 @@ class SlotCache(Cache):
         prefill is done. The forward runs over physical rows ``0 .. B-1``; returns ``perm [B]``
         (``perm[i]`` is the physical row of ``keys[i]``: inputs go ``x_phys[perm] = x``, outputs
         come back ``y = y_phys[perm]``), ``positions [B, 1]`` and ``mask [B, 1, 1, kv_len]``."""
-        wanted = set(keys)
-        if len(wanted) != len(keys):
-            raise ValueError("a key is listed twice")
-        missing = [k for k in keys if k not in self.row_of]
-        if missing:
-            raise KeyError(f"rows not in the cache: {missing}")
-        stale = [k for k in self.order[: self.n_decoding] if k not in wanted]
-        if stale:
-            raise ValueError(f"every decoding row must be decoded each step; missing {stale}")
-        for key in keys:  # rows whose prefill is done join the decoding range
-            row = self.row_of[key]
-            if row >= self.n_decoding:
-                self._swap(row, self.n_decoding)
-                self.n_decoding += 1
+        self._join_decoding(keys)
         batch = self.n_decoding
         starts = torch.tensor(self.lengths[:batch], dtype=torch.long)
         self._reserve(int(starts.max()) + 1)
@@ -207,20 +194,9 @@ class SlotCache(Cache):
         whose prefill is done) and ``prefill_keys`` as ``plan_prefill`` (new keys admitted), their
         tokens in one sequence: the decode rows' in physical order, then each chunk. Returns
         ``perm [B]`` (as ``plan_decode``) and ``positions [T]``."""
-        wanted = set(decode_keys)
-        if len(wanted) != len(decode_keys) or wanted & set(prefill_keys):
+        if set(decode_keys) & set(prefill_keys):
             raise ValueError("a key is listed twice")
-        missing = [k for k in decode_keys if k not in self.row_of]
-        if missing:
-            raise KeyError(f"rows not in the cache: {missing}")
-        stale = [k for k in self.order[: self.n_decoding] if k not in wanted]
-        if stale:
-            raise ValueError(f"every decoding row must be decoded each step; missing {stale}")
-        for key in decode_keys:  # rows whose prefill is done join the decoding range
-            row = self.row_of[key]
-            if row >= self.n_decoding:
-                self._swap(row, self.n_decoding)
-                self.n_decoding += 1
+        self._join_decoding(decode_keys)
         for key in prefill_keys:
             if key not in self.row_of:
                 self._admit(key)
@@ -297,6 +273,24 @@ class SlotCache(Cache):
         return max(self.lengths, default=0)
 
     # -- bookkeeping ----------------------------------------------------------------------
+    def _join_decoding(self, keys: Sequence[Hashable]) -> None:
+        """Check that ``keys`` are every decoding row plus rows whose prefill is done, and move the
+        latter into the decoding range (one row swap each)."""
+        wanted = set(keys)
+        if len(wanted) != len(keys):
+            raise ValueError("a key is listed twice")
+        missing = [k for k in keys if k not in self.row_of]
+        if missing:
+            raise KeyError(f"rows not in the cache: {missing}")
+        stale = [k for k in self.order[: self.n_decoding] if k not in wanted]
+        if stale:
+            raise ValueError(f"every decoding row must be decoded each step; missing {stale}")
+        for key in keys:
+            row = self.row_of[key]
+            if row >= self.n_decoding:
+                self._swap(row, self.n_decoding)
+                self.n_decoding += 1
+
     def _plan(self, rows: list[int], cols: torch.Tensor, kv_len: int) -> Plan:
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         device = self.device
