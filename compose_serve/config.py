@@ -118,13 +118,15 @@ PARAMS: dict[str, type[_Strict]] = {
 
 
 class EngineSpec(_Strict):
-    """How the engine batches: running sequences at most, the waiting queue's bound, and the
-    prompt tokens prefilled per step (0: no limit; a long prompt or a burst is prefilled in chunks
-    of at most this many tokens between decode steps, so running streams keep their pace)."""
+    """How the engine batches: running sequences at most, the waiting queue's bound, the prompt
+    tokens prefilled (and routed) per step (0: no limit; a long prompt or a burst is prefilled in
+    chunks of at most this many tokens, so running streams keep their pace), and whether a step's
+    chunk rides in its decode forward (``pack_steps``; false: two forwards per step)."""
 
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
     max_queue: Annotated[int, Field(ge=0)] = 256
     max_prefill_tokens: Annotated[int, Field(ge=0)] = 256
+    pack_steps: bool = True
 
 
 class DeploymentSpec(_Strict):

@@ -57,7 +57,7 @@ class Engine:
 
     def __init__(self, composition: Composition, max_batch: int | None = None,
                  max_prefill_tokens: int | None = None, fused_sampling: bool | None = None,
-                 pack_steps: bool = True) -> None:
+                 pack_steps: bool | None = None) -> None:
         self.composition = composition
         self.members = composition.members
         self.method = composition.method
@@ -76,7 +76,7 @@ class Engine:
             fused_sampling = kernels.backend_for(self.device, len(self.members)) == "triton"
         self.fused_sampling = fused_sampling and type(self.method).fuse_sample is not Method.fuse_sample
         #: a step's decode and prefill chunk in one forward per model (``_packed_step``)
-        self.pack_steps = pack_steps
+        self.pack_steps = composition.spec.engine.pack_steps if pack_steps is None else pack_steps
         for member in self.members:  # this engine owns every slot: rows an earlier engine left go
             member.release(member.live_slots)
 

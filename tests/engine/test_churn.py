@@ -127,3 +127,11 @@ def test_the_prefill_budget_chunks_prompts_and_zero_means_no_limit(tiny):
     assert chunked.add([Request(p, params) for p in prompts]) == [] and len(chunked.prefilling) == 2
     assert chunked.prefilling[0].prefilled == 4 and chunked.prefilling[1].prefilled == 0  # front first
     assert Engine(composition, max_batch=2).max_prefill_tokens == spec.engine.max_prefill_tokens == 256
+
+
+def test_pack_steps_comes_from_the_config_and_the_argument_wins(tiny):
+    body = {"name": "c", "method": "mixture", "members": [{"name": "a", "model": str(tiny["a"])}]}
+    assert Engine(build_composition(parse_composition(body))).pack_steps is True
+    off = build_composition(parse_composition({**body, "engine": {"pack_steps": False}}))
+    assert Engine(off).pack_steps is False
+    assert Engine(off, pack_steps=True).pack_steps is True
