@@ -1,9 +1,8 @@
 """OpenAI wire models (pydantic), nothing else: requests in, responses and stream chunks out.
 
-Each request model lists OpenAI's fields in the API reference's order, then its own extensions;
-what both generation routes take beyond OpenAI (vLLM's sampling and structured-output fields,
-prompt log-probs, the refused fields, and this project's one extension, ``composition``) is
-declared once, in ``_Extensions``. Requests are strict about types (``"0.5"`` is not a number) and
+What both generation routes take (OpenAI's shared sampling and streaming fields, vLLM's sampling
+and structured-output fields, prompt log-probs, the refused fields, and this project's one
+extension, ``composition``) is declared once, in ``_Generation``; each route's model adds its own. Requests are strict about types (``"0.5"`` is not a number) and
 ignore fields they do not know, as OpenAI-compatible servers do; ranges are checked once, by
 ``SamplingParams``, which names the field. Known fields that would change the output and are not
 implemented (beam search, ``bad_words``, ``suffix`` ...) are typed ``Any`` so that a request
@@ -30,11 +29,27 @@ class StreamOptions(_Request):
 
 
 # -- what both generation routes take beyond OpenAI's fields -------------------------------------
-class _Extensions(_Request):
-    """vLLM's sampling and structured-output fields, prompt log-probs, the known fields that are
-    refused (they would change the output and are not implemented), and this project's
-    ``composition``: the same on /v1/completions and /v1/chat/completions."""
+class _Generation(_Request):
+    """What /v1/completions and /v1/chat/completions both take: OpenAI's sampling and streaming
+    fields, vLLM's sampling and structured-output fields, prompt log-probs, the known fields that
+    are refused (they would change the output and are not implemented), and this project's
+    ``composition``. (``logprobs`` differs: a count on completions, a flag on chat.)"""
 
+    model: str
+    # -- OpenAI --
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    n: int | None = 1
+    presence_penalty: float | None = None
+    response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
     # -- vLLM sampling extensions --
     top_k: int | None = None
     min_p: float | None = None
@@ -69,27 +84,14 @@ class _Extensions(_Request):
 
 
 # -- /v1/completions ----------------------------------------------------------------------------
-class CompletionRequest(_Extensions):
-    model: str
+class CompletionRequest(_Generation):
+    """(``response_format``, OpenAI's chat field, is taken here too, as vLLM does.)"""
+
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = None
     echo: bool | None = False
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = None
-    max_tokens: int | None = None
-    n: int | None = 1
-    presence_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     suffix: Any = None  # refused: insertion is not implemented
-    temperature: float | None = None
-    top_p: float | None = None
-    user: str | None = None
-    # -- structured outputs: vLLM takes OpenAI's chat field on completions too --
-    response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", ...}
     # -- refused when set (inputs.py) --
     prompt_embeds: Any = None
 
@@ -122,27 +124,13 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(_Extensions):
+class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage]
-    model: str
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     logprobs: bool | None = False
     max_completion_tokens: int | None = None
-    max_tokens: int | None = None
-    n: int | None = 1
-    presence_penalty: float | None = None
-    response_format: Any = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = None
     tool_choice: Any = None
     tools: Any = None
     top_logprobs: int | None = None
-    top_p: float | None = None
-    user: str | None = None
     parallel_tool_calls: bool | None = None  # accepted; one call per reply is always allowed
     # -- vLLM chat template controls --
     add_generation_prompt: bool | None = None
