@@ -60,31 +60,38 @@ def multi_layer_features(
     for layer in layers:
         if not 1 <= layer <= len(blocks):
             raise ValueError(f"layer must be in 1..{len(blocks)} (the decoder's blocks), got {layer}")
+    device = next(decoder.parameters()).device
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = blocks_output(decoder, layers, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return {layer: pool(hidden, mask, pooling) for layer, hidden in out.items()}
+
+
+def blocks_output(decoder: torch.nn.Module, layers: list[int], **forward) -> dict[int, torch.Tensor]:
+    """Run ``decoder(**forward)`` up to the deepest of ``layers`` (1-based blocks) and no further;
+    returns each block's output hidden states ``[n, L, d]``."""
     deepest = max(layers)
-    pooled: dict[int, torch.Tensor] = {}
+    out: dict[int, torch.Tensor] = {}
 
     def hook_for(layer: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # [n, L, d]
-            pooled[layer] = pool(hidden, attention_mask, pooling)
+            out[layer] = output[0] if isinstance(output, tuple) else output
             if layer == deepest:
                 raise _StopForward
 
         return hook
 
+    blocks = decoder.layers
     handles = [blocks[layer - 1].register_forward_hook(hook_for(layer)) for layer in sorted(set(layers))]
-    device = next(decoder.parameters()).device
-    ids, mask = input_ids.to(device), attention_mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     try:
         with torch.inference_mode():
-            decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            decoder(**forward)
     except _StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return pooled
+    return out
 
 
 @dataclass
@@ -113,24 +120,12 @@ def chunk_features(decoder: torch.nn.Module, state: FeatureState, piece: list[in
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if state.cache is None:
         state.cache = DynamicCache(config=decoder.config)
-    out: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        out.append(output[0] if isinstance(output, tuple) else output)  # [1, c, d]
-        raise _StopForward
-
     device = next(decoder.parameters()).device
     ids = torch.tensor([piece], dtype=torch.long, device=device)
     positions = torch.arange(state.seen, state.seen + len(piece), device=device).unsqueeze(0)
-    handle = decoder.layers[layer - 1].register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            decoder(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kwarg: state.cache})
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    hidden = out[0][0].float()  # [c, d]
+    out = blocks_output(decoder, [layer], input_ids=ids, position_ids=positions, use_cache=True,
+                        **{cache_kwarg: state.cache})
+    hidden = out[layer][0].float()  # [c, d]
     if pooling == "last":
         state.pooled = hidden[-1]
     else:

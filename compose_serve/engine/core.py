@@ -167,19 +167,15 @@ class Engine:
                 done.append(seq)
         self._route(whole)
         if done:
-            probs = router.probs(torch.stack([s.routing.features(router.pooling) for s in done]).cpu())  # [n, K]
-            for seq, w, p in zip(done, self.method.route(probs), probs, strict=True):
-                seq.weights, seq.router_probs = w, p
+            self._route(done, torch.stack([s.routing.features(router.pooling) for s in done]))
         for seq in whole + done:
             seq.routing = None
         return budget
 
-    def _next_chunk(self, budget: float | None = None) -> tuple[list[Sequence], list[list[int]]]:
+    def _next_chunk(self, budget: float) -> tuple[list[Sequence], list[list[int]]]:
         """The prefilling sequences this step's chunk covers (front first) and their next pieces
-        of prompt, within ``budget`` (default ``max_prefill_tokens``); prompts still being routed
-        wait."""
-        if budget is None:
-            budget = self.max_prefill_tokens or float("inf")
+        of prompt, within ``budget`` (what routing left of ``max_prefill_tokens``); prompts still
+        being routed wait."""
         seqs, pieces = [], []
         for seq in self.prefilling:
             if seq.routing is not None:
@@ -239,14 +235,16 @@ class Engine:
                                     params.skip_special_tokens, params.include_stop_str_in_output),
         )
 
-    def _route(self, seqs: list[Sequence]) -> None:
+    def _route(self, seqs: list[Sequence], features: torch.Tensor | None = None) -> None:
         """Routing: the router's probabilities over members from the shared base's prompt
-        features become each sequence's weights (``Method.route``: top_k, min_confidence)."""
+        features ``[n, d]`` (computed here, whole prompts in one batch, unless given) become each
+        sequence's weights (``Method.route``: top_k, min_confidence)."""
         if not seqs:
             return
         router = self.method.router
-        features = self.composition.prompt_features([s.request.prompt_ids for s in seqs], router.layer,
-                                                    router.pooling)
+        if features is None:
+            features = self.composition.prompt_features([s.request.prompt_ids for s in seqs], router.layer,
+                                                        router.pooling)
         probs = router.probs(features.float().cpu())  # [n, K]
         for seq, w, p in zip(seqs, self.method.route(probs), probs, strict=True):
             seq.weights, seq.router_probs = w, p

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 BLOCK = 256  # length capacity grows in steps of this many tokens
 
@@ -74,8 +75,6 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     ``query [1, Hq, T, hd]``; ``key``/``value`` are the cache's whole buffers ``[R_cap, Hkv, L_cap, hd]``
     (``SlotCache.update`` returns them for a packed plan); ``kwargs["slot_plan"]`` is the plan.
     Returns ``([1, T, Hq, hd], None)``: each part attended by transformers' own SDPA function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plan: PackedPlan = kwargs["slot_plan"]
     outs = []
     b = plan.decoding

@@ -95,7 +95,8 @@ class SharedBase(HFMember):
         self._row_adapters = [a for c in calls for a in c.adapters]
         decoding = [c for c in calls if c.kind == "decode"]  # submit() keeps them before prefill calls
         prefilling = calls[len(decoding) :]
-        d_keys, p_keys = keys[: sum(len(c.keys) for c in decoding)], keys[sum(len(c.keys) for c in decoding) :]
+        split = sum(len(c.keys) for c in decoding)
+        d_keys, p_keys = keys[:split], keys[split:]
         last = torch.cat([c.inputs.reshape(-1) for c in decoding]) if decoding else None
         pieces = [p for c in prefilling for p in c.inputs]
         if decoding and prefilling:  # a step's decode and prefill chunk: one packed forward

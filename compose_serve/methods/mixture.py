@@ -50,18 +50,21 @@ class Mixture(Method):
         scaled = [z.float() / t for z, t in zip(member_logits, self.temperatures.tolist(), strict=True)]
         return super().raw_shift(scaled, weights)
 
-    def fuse_sample(self, member_logits, weights, temperature, seeds):
-        """``kernels.sample_mix_probs`` (entropy weights first, when dynamic)."""
+    def _step_weights(self, member_logits, weights: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """This step's member temperatures (None: all 1) and weights (entropy weights when dynamic)."""
         temperatures = None if self._plain_temperatures else self.temperatures.to(weights.device)
         if self.dynamic == "entropy":
             weights = entropy_weights(member_logits, weights, self.temperatures.to(weights.device), self.tau)
+        return temperatures, weights
+
+    def fuse_sample(self, member_logits, weights, temperature, seeds):
+        """``kernels.sample_mix_probs`` (entropy weights first, when dynamic)."""
+        temperatures, weights = self._step_weights(member_logits, weights)
         tokens, logprobs = kernels.sample_mix_probs(member_logits, weights, temperatures, temperature, seeds)
         return tokens, logprobs, weights
 
     def fuse(self, member_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> Fused:
-        temperatures = None if self._plain_temperatures else self.temperatures.to(weights.device)
-        if self.dynamic == "entropy":
-            weights = entropy_weights(member_logits, weights, self.temperatures.to(weights.device), self.tau)
+        temperatures, weights = self._step_weights(member_logits, weights)
         one_hot = self.one_hot_rows(member_logits, weights, temperatures)
         if one_hot is not None:
             return Fused(one_hot, weights)
