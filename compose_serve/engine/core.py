@@ -13,9 +13,14 @@
 its router which members run for each, reading each prompt through the shared base's first blocks
 chunk by chunk under the same budget (``_route_chunk``); then their prompts are prefilled in
 chunks under a per-step token budget (``max_prefill_tokens``; batched per member, members on one
-shared base in one forward), one chunk forward in ``add`` and one packed into the decode forward
-of every ``step`` (``_packed_step``), so running streams keep their pace while a long prompt or a
-burst comes in. A sequence whose prompt
+shared base in one forward), each chunk packed into the decode forward of a ``step``
+(``_packed_step``), so running streams keep their pace while a long prompt or a burst comes in.
+While sequences run, ``add`` itself runs no forward: a new request's first chunk rides in the next
+step's forward "on trial" (``Sequence.trial``); if that forward fails, every member rolls back to
+before it (``Member.rollback``), the step runs again without the new requests, and each is then
+tried alone, so a request whose input breaks a forward fails alone (``take_failures``) and the
+running ones lose nothing. With nothing running, or members that cannot roll back (remote ones),
+``add`` prefills the first chunk in its own forward and raises if it fails. A sequence whose prompt
 is complete gets its first token from the fused scores of the whole prompt (steps 2-6 on its last
 chunk's scores) and joins the running batch.
 Prompt log-probs (``params.prompt_logprobs``): when its prompt is complete, a sequence's prompt is
@@ -39,7 +44,7 @@ import torch
 
 from .. import kernels, structured
 from ..composition import Composition
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, RequestFailedError
 from ..members.base import Scores
 from ..methods.base import Method
 from ..router import FeatureState
@@ -77,6 +82,9 @@ class Engine:
         self.fused_sampling = fused_sampling and type(self.method).fuse_sample is not Method.fuse_sample
         #: a step's decode and prefill chunk in one forward per model (``_packed_step``)
         self.pack_steps = composition.spec.engine.pack_steps if pack_steps is None else pack_steps
+        #: a new request's first chunk rides in the next step's forward (members can roll it back)
+        self.packs_admission = self.pack_steps and all(m.can_rollback for m in self.members)
+        self._failures: list[tuple[str, Exception]] = []  # requests that failed alone in a step
         for member in self.members:  # this engine owns every slot: rows an earlier engine left go
             member.release(member.live_slots)
 
@@ -103,9 +111,13 @@ class Engine:
             self._grammars().compile(request.params.structured)
         return weights
 
-    def add(self, requests: list[Request]) -> list[TokenEvent]:
-        """Admit ``requests`` into free slots and prefill the first chunk; returns the first tokens
-        of the sequences whose prompt that chunk completed."""
+    def add(self, requests: list[Request], alone: bool = False) -> list[TokenEvent]:
+        """Admit ``requests`` into free slots. While sequences run (and the members can roll
+        back), no forward runs here: the first chunks ride in the next ``step`` (on trial, see the
+        module docstring). Otherwise, or with ``alone``, the first chunk is prefilled here in its
+        own forward (an exception propagates; the scheduler then frees the new slots). Returns
+        events: the first tokens of the sequences whose prompt that chunk completed, and those of
+        ``max_tokens`` 0 requests (scored here, at once)."""
         if len(requests) > self.free_slots:
             raise RuntimeError(f"{len(requests)} requests but only {self.free_slots} free slots")
         weights = [self.check(r) for r in requests]  # all checked before any slot is taken
@@ -118,13 +130,28 @@ class Engine:
                     seq.routing = FeatureState()
         scored = [s for s in seqs if s.request.params.max_tokens == 0]  # prompt log-probs only
         events = self._score_only(scored) if scored else []
-        self.prefilling.extend(s for s in seqs if s.request.params.max_tokens > 0)
+        new = [s for s in seqs if s.request.params.max_tokens > 0]
+        self.prefilling.extend(new)
+        # prompt log-probs run their own scoring pass at the first token: those stay in add
+        if not alone and self.packs_admission and self.running and all(
+                s.request.params.prompt_logprobs is None for s in new):
+            for seq in new:
+                seq.trial = True
+            return events
         return events + self._prefill_chunk()
 
-    def _prefill_chunk(self) -> list[TokenEvent]:
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """The requests that failed alone since the last call (``(request_id, exception)``; their
+        slots are already free): a request admitted on trial whose first chunk failed again when
+        tried alone, or whose first token's work raised."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def _prefill_chunk(self, pool: list[Sequence] | None = None) -> list[TokenEvent]:
         """One prefill forward (per member) over the next prompt tokens of the prefilling
-        sequences, front first, within the budget; completed prompts get their first token."""
-        seqs, pieces = self._next_chunk(self._route_chunk())
+        sequences (or of ``pool``), front first, within the budget; completed prompts get their
+        first token."""
+        seqs, pieces = self._next_chunk(self._route_chunk(pool), pool)
         nll = self.method.uses_prompt_nll
         with self._chunk_undone_on_failure(seqs):
             scores = []
@@ -135,16 +162,17 @@ class Engine:
             scores = resolve(scores)
         return self._finish_chunk(seqs, pieces, scores)
 
-    def _route_chunk(self) -> float:
+    def _route_chunk(self, pool: list[Sequence] | None = None) -> float:
         """Routing under the budget: the prompts still being routed (front first) are read through
         the shared base's first ``router.layer`` blocks: those that fit the budget left whole, in one
         batched forward (``Composition.prompt_features``), a longer one chunk by chunk across steps
         (``router.FeatureState``, one forward per prompt). A prompt whose features are complete
         gets its weights from the router (``Method.route``: top_k, min_confidence) and is
-        prefilled from then on. Returns the budget left for the members' chunk."""
+        prefilled from then on. ``pool``: these prefilling sequences only. Returns the budget left
+        for the members' chunk."""
         budget = self.max_prefill_tokens or float("inf")
         router = self.method.router
-        routing = [s for s in self.prefilling if s.routing is not None]
+        routing = [s for s in (self.prefilling if pool is None else pool) if s.routing is not None]
         if not routing:
             return budget
         whole, done = [], []
@@ -172,12 +200,12 @@ class Engine:
             seq.routing = None
         return budget
 
-    def _next_chunk(self, budget: float) -> tuple[list[Sequence], list[list[int]]]:
-        """The prefilling sequences this step's chunk covers (front first) and their next pieces
-        of prompt, within ``budget`` (what routing left of ``max_prefill_tokens``); prompts still
-        being routed wait."""
+    def _next_chunk(self, budget: float, pool: list[Sequence] | None = None) -> tuple[list[Sequence], list[list[int]]]:
+        """The prefilling sequences (of ``pool``, if given) this step's chunk covers (front
+        first) and their next pieces of prompt, within ``budget`` (what routing left of
+        ``max_prefill_tokens``); prompts still being routed wait."""
         seqs, pieces = [], []
-        for seq in self.prefilling:
+        for seq in self.prefilling if pool is None else pool:
             if seq.routing is not None:
                 continue
             if budget <= 0:
@@ -189,11 +217,16 @@ class Engine:
         return seqs, pieces
 
     @contextlib.contextmanager
-    def _chunk_undone_on_failure(self, seqs: list[Sequence]):
-        """If the chunk's forward fails, some members took it and some did not: its prompts start over."""
+    def _chunk_undone_on_failure(self, seqs: list[Sequence], saved: list | None = None):
+        """If the chunk's forward fails, some members took it and some did not: every member rolls
+        back to ``saved`` (their checkpoints) where given; else the chunk's prompts start over."""
         try:
             yield
         except Exception:
+            if saved is not None:
+                for member, checkpoint in zip(self.members, saved, strict=True):
+                    member.rollback(checkpoint)
+                raise
             for member in self.members:
                 member.release([seq.slot for seq in seqs])
             for seq in seqs:
@@ -321,8 +354,62 @@ class Engine:
         the running rows' tokens and the chunk's tokens packed into one sequence, so the weights are
         read once per step instead of twice. A member that packs (``Member.packs_steps``) does both
         in ``packed``; members on one shared base get every decode call, then every prefill call,
-        and their host packs them in its one forward; any other member runs the two in turn."""
+        and their host packs them in its one forward; any other member runs the two in turn.
+
+        Sequences on trial (first chunk not taken yet): if routing or the forward fails, the
+        members roll back, the step runs again without them, and each is tried alone
+        (``_try_alone``); if the work of their first token raises, the sequences that completed
+        their prompt in this step fail alone. The running sequences' tokens are kept either way."""
+        trial = [s for s in self.prefilling if s.trial]
+        saved = [m.checkpoint() for m in self.members] if trial else None
         running = list(self.running)
+        try:
+            seqs, pieces, decode_scores, chunk_scores = self._packed_forward(running, saved)
+        except Exception:
+            if not trial:
+                raise
+            logger.warning("a step with %d new requests failed; rolled back, it runs again without them, and "
+                           "each is tried alone", len(trial), exc_info=True)
+            self.prefilling = [s for s in self.prefilling if not s.trial]
+            events = self.step()
+            return events + self._try_alone(trial)
+        first_chunks = any(seq.trial for seq in seqs)
+        for seq in seqs:
+            seq.trial = False
+        events = self._advance(running, decode_scores)
+        try:
+            return events + self._finish_chunk(seqs, pieces, chunk_scores)
+        except Exception as exc:
+            if not first_chunks:
+                raise
+            done = [s for s in seqs if s.prefilled == len(s.request.prompt_ids)]
+            logger.exception("the first token of %d requests failed; they end, the others go on", len(done))
+            self._fail_alone(done, exc)
+            return events
+
+    def _try_alone(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """Each of ``seqs`` (on trial, rolled back) gets its first chunk in its own forward; one
+        that fails again ends alone (``take_failures``)."""
+        events = []
+        for seq in seqs:
+            seq.trial, seq.prefilled = False, 0
+            self.prefilling.append(seq)
+            try:
+                events += self._prefill_chunk([seq])
+            except Exception as exc:
+                logger.error("request %s failed alone too; it ends", seq.request_id, exc_info=True)
+                self._fail_alone([seq], exc)
+        return events
+
+    def _fail_alone(self, seqs: list[Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            seq.finish_reason = "error"
+            self._failures.append((seq.request_id, exc))
+        self._release(seqs)
+
+    def _packed_forward(self, running: list[Sequence], saved: list | None):
+        """Routing, then the forward of ``_packed_step``; returns the chunk's sequences and pieces
+        and the decode and chunk scores (per member, ``(rows, Scores)``)."""
         seqs, pieces = self._next_chunk(self._route_chunk())
         last = torch.tensor([s.output_ids[-1] for s in running], device=self.device)  # [B]
         nll = self.method.uses_prompt_nll
@@ -330,7 +417,7 @@ class Engine:
                  for k in range(len(self.members))]
         decode: list = [None] * len(self.members)
         chunk: list = [None] * len(self.members)
-        with self._chunk_undone_on_failure(seqs):
+        with self._chunk_undone_on_failure(seqs, saved):
             for k, (member, (d, p)) in enumerate(zip(self.members, plans, strict=True)):
                 if d and p and member.packs_steps:
                     decode[k], chunk[k] = member.packed([running[i].slot for i in d], last[d], [seqs[i].slot for i in p],
@@ -343,7 +430,7 @@ class Engine:
                     chunk[k] = member.prefill([seqs[i].slot for i in p], [pieces[i] for i in p], nll)
             decode_scores = resolve([(d, decode[k]) for k, (d, _) in enumerate(plans)])
             chunk_scores = resolve([(p, chunk[k]) for k, (_, p) in enumerate(plans)])
-        return self._advance(running, decode_scores) + self._finish_chunk(seqs, pieces, chunk_scores)
+        return seqs, pieces, decode_scores, chunk_scores
 
     def _advance(self, seqs: list[Sequence], scores: list[tuple[list[int], Scores | None]]) -> list[TokenEvent]:
         member_logits = [self._full_rows(rows, sc, len(seqs)) for rows, sc in scores]  # K x [B, V]
@@ -541,6 +628,8 @@ class Engine:
                 events = self.add(admit)
             else:
                 events = self.step()
+            for request_id, exc in self.take_failures():  # a request that failed alone: as add would
+                raise RequestFailedError(f"request {request_id} failed ({type(exc).__name__}: {exc})") from exc
             for event in events:
                 results[event.request_id].add(event)
                 if on_event is not None:

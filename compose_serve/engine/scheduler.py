@@ -383,6 +383,10 @@ class AsyncEngine:
                 self._dispatch(self.engine.step())
         except Exception as exc:
             return self._recover(exc)
+        for request_id, exc in self.engine.take_failures():  # new requests that failed alone in the step
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                self._end_failed(stream, exc)
         return True
 
     def _add(self, admitted: list[RequestStream]) -> bool:
@@ -415,13 +419,17 @@ class AsyncEngine:
             self.engine.discard({stream.request_id})
         except Exception as discard_exc:
             return self._recover(discard_exc)
+        self._end_failed(stream, exc)
+        return True
+
+    def _end_failed(self, stream: RequestStream, exc: Exception) -> None:
+        """End ``stream`` with RequestFailedError naming ``exc`` (its slot is already free)."""
         with self._lock:
             if stream.state == _DONE:
-                return True
+                return
             self._end(stream, "error")
         message = f"the request failed in the engine ({type(exc).__name__}: {exc}); other requests went on"
         self._fail([stream], lambda: RequestFailedError(message))
-        return True
 
     def _apply_aborts(self, aborts: list[tuple[RequestStream, str]]) -> None:
         for stream, reason in aborts:

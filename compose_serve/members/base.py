@@ -12,6 +12,11 @@ A member keeps its own KV cache, one row per slot; the engine (its scheduler) ow
 - ``packed(decode_slots, last_tokens, prefill_slots, token_ids, want_prompt_nll) -> (Scores,
   Scores)``, offered where ``packs_steps`` is True: ``decode`` and ``prefill`` of one step in ONE
   forward (the decode tokens and the chunks packed into one sequence), with the same results.
+- ``checkpoint() -> saved`` and ``rollback(saved)``, offered where ``can_rollback`` is True: undo
+  every call since the checkpoint, one that raised half-way included (slots admitted since are
+  forgotten, the others are as they were). The engine then lets a new request's first chunk ride
+  in the step's packed forward: if that forward fails, it rolls the step back and tries the new
+  request alone, so the running requests lose nothing.
 
 ``prefill`` and ``decode`` may instead return a future whose ``result()`` is the Scores (a remote
 member does; so do members on one shared base, whose host runs every pending call of a step in one
@@ -53,6 +58,16 @@ class Member(ABC):
     device: torch.device
     #: offers ``packed`` (one forward for a step's decode and prefill chunk)
     packs_steps: bool = False
+    #: offers ``checkpoint`` and ``rollback``
+    can_rollback: bool = False
+
+    def checkpoint(self) -> object:
+        """What ``rollback`` needs to undo the calls made after this one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back")
+
+    def rollback(self, saved: object) -> None:
+        """Undo every call since ``saved = checkpoint()``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back")
 
     @abstractmethod
     def prefill(

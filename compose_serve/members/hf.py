@@ -117,6 +117,7 @@ class HFMember(Member):
     """
 
     packs_steps = True
+    can_rollback = True
 
     def __init__(self, name: str, lm: torch.nn.Module, tokenizer) -> None:
         self.name = name
@@ -158,6 +159,14 @@ class HFMember(Member):
         self.kv.release(list(slots))
         for key in slots:
             self._nll.pop(key, None)
+
+    def checkpoint(self) -> tuple:
+        return self.kv.checkpoint(), dict(self._nll)
+
+    def rollback(self, saved: tuple) -> None:
+        lengths, nll = saved
+        self.kv.rollback(lengths)
+        self._nll = {key: value for key, value in nll.items() if key in lengths}
 
     # -- rows of the slot cache (a shared base calls these with its own keys) --------------
     def prefill_rows(self, keys: list[Hashable], token_ids: Sequence[Sequence[int]]) -> Chunk:

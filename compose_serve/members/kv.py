@@ -23,7 +23,11 @@ Layout (gpt-fast's static cache, with per-row lengths): every layer holds keys a
   (row, column) and hands the attention the whole buffers, and ``packed_attention`` attends each
   part to its own rows (the decode rows as one batch, each chunk to its row);
 - ``release(keys)`` frees rows: the last row of the range moves into the hole (one row copied,
-  its own length only); no other row is ever touched.
+  its own length only); no other row is ever touched;
+- ``checkpoint()`` / ``rollback(saved)`` undo the forwards planned since the checkpoint (one that
+  failed half-way included): rows admitted since are released, the others get their lengths back;
+  what those forwards wrote past the old lengths is never read, and is overwritten when the rows
+  advance again.
 Capacity grows by doubling (rows) and by ``BLOCK``-token steps (length) up to ``max_length``;
 growing copies the cache once, amortised over many steps.
 
@@ -249,6 +253,21 @@ class SlotCache(Cache):
                 self._move(last, row)
             self.order.pop()
             self.lengths.pop()
+
+    def checkpoint(self) -> dict[Hashable, int]:
+        """The live keys and their lengths, for ``rollback``."""
+        return dict(zip(self.order, self.lengths, strict=True))
+
+    def rollback(self, saved: dict[Hashable, int]) -> None:
+        """Undo what was planned since ``saved = checkpoint()``: keys admitted since are released,
+        every other key gets its length back. A key released since cannot come back (KeyError)."""
+        gone = [k for k in saved if k not in self.row_of]
+        if gone:
+            raise KeyError(f"rows released since the checkpoint cannot be rolled back: {gone}")
+        self.release([k for k in self.order if k not in saved])
+        for key, length in saved.items():
+            self.lengths[self.row_of[key]] = length
+        self.plan = None
 
     # -- what the model asks (transformers Cache API) ------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):

@@ -123,6 +123,11 @@ class SharedBase(HFMember):
         self.flush()
         super().release(list(keys))
 
+    def rollback(self, saved: tuple) -> None:
+        """``HFMember.rollback``; calls still pending (their forward failed) are dropped."""
+        self._pending = []
+        super().rollback(saved)
+
     # -- the forwards: HFMember's, with one adapter name per row ---------------------------
     def before_decode(self, perm: torch.Tensor) -> None:
         """The decode forward runs rows in the cache's order: put the adapter names in it too."""
@@ -178,6 +183,15 @@ class SharedMember(Member):
         self.tokenizer, self.vocab_size, self.max_context = host.tokenizer, host.vocab_size, host.max_context
         self.device, self.config = host.device, host.config
         self.lm = host.lm  # the one model object (eos ids, tests of storage)
+
+    can_rollback = True
+
+    def checkpoint(self) -> tuple:
+        """The host's (every member on it shares its cache; rolling back twice is harmless)."""
+        return self.host.checkpoint()
+
+    def rollback(self, saved: tuple) -> None:
+        self.host.rollback(saved)
 
     @property
     def live_slots(self) -> list[int]:

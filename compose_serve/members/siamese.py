@@ -37,9 +37,19 @@ class SiameseMember(Member):
         self._prompt_sums: dict[int, tuple] = {}  # slot -> (sum [2, d], count [2, 1]) over the chunks so far
         self.last_streams: torch.Tensor | None = None  # [B, 2, d] of the latest call, for inspection
 
+    can_rollback = True
+
     @property
     def live_slots(self) -> list[int]:
         return [key[1] for key in self.host.kv.keys if key[0] == self.name and key[2] == STREAMS[0]]
+
+    def checkpoint(self) -> tuple:
+        return self.host.checkpoint(), dict(self.prompt_means), dict(self._prompt_sums)
+
+    def rollback(self, saved: tuple) -> None:
+        host, means, sums = saved
+        self.host.rollback(host)
+        self.prompt_means, self._prompt_sums = means, sums
 
     def _rows(self, slots) -> tuple[list, list[str]]:
         keys = [(self.name, slot, s) for slot in slots for s in STREAMS]

@@ -45,7 +45,7 @@ def test_random_admissions_aborts_and_chunks_match_a_no_cache_recompute(tiny, ki
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
     rng = random.Random(0)
     waiting = []
-    for i in range(10):
+    for i in range(20):
         ids = tok.encode(" ".join(rng.sample(TEXTS, rng.randint(1, 3))))[: rng.randint(2, 24)]
         params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=0.0, ignore_eos=True)
         waiting.append(Request(ids, params, request_id=f"r{i}"))
