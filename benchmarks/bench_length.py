@@ -7,11 +7,14 @@ Suites (each writes its rows and ratios into ``benchmarks/results/length_<device
 - ``length``: decode step time (ms, median over ``--steps`` steps) at B = 4 with 64, 1,024 and
   3,072 tokens of context, for this engine's slot cache, and for the raw transformers model with
   its ``DynamicCache`` (the layout the slot cache sat on before: ``update`` concatenates the whole
-  cache every token) and a ``StaticCache`` (preallocated, the reference). Targets: engine step at
-  3,072 <= 1.3x its step at 64; >= 1.8x faster than the DynamicCache at 3,072.
+  cache every token) and a ``StaticCache`` (preallocated, the reference) sized to each context, and
+  one sized for 3,072 at every context (it attends all its columns, masked, at every step: what
+  made the issue's StaticCache figures flat). Targets: engine step at 3,072 <= 1.3x its step at
+  64; >= 1.8x faster than the DynamicCache at 3,072.
 - ``churn``: eight normal streams (``--tokens`` tokens each) through the ``AsyncEngine``, alone, then
-  next to eight loops that submit a request, read 3 tokens and close it, over and over. Target:
-  the eight streams take <= 1.3x their time alone.
+  next to eight loops that submit a request (24 prompt tokens), read 3 tokens and close it, over
+  and over, at each ``--churn-budgets`` value of ``engine.max_prefill_tokens``. Target: the eight
+  streams take <= 1.3x their time alone.
 - ``burst``: eight streams run; a burst of 32 requests with 1,000-token prompts (``--burst-tokens``
   new tokens each) arrives 0.5 s later; the eight streams' p90 inter-token latency with the burst
   against without it, at each ``--budgets`` value of ``engine.max_prefill_tokens`` (the burst is
@@ -19,7 +22,8 @@ Suites (each writes its rows and ratios into ``benchmarks/results/length_<device
   Target: <= 2x.
 
 ``churn`` and ``burst`` run with the engine's packed steps (a step's decode and prefill chunk in
-one forward) on and off, ``--pack on off``, in the same run.
+one forward; a new request's first chunk rides in it) on and off, ``--pack on off``, in the same
+run.
 """
 
 from __future__ import annotations
@@ -67,12 +71,14 @@ def engine_step_ms(composition, context: int, batch: int, steps: int) -> list[fl
 
 
 @torch.inference_mode()
-def hf_step_ms(model, cache_kind: str, context: int, batch: int, steps: int) -> list[float]:
+def hf_step_ms(model, cache_kind: str, context: int, batch: int, steps: int, max_len: int | None = None) -> list[float]:
+    """The raw model's decode step time with a ``DynamicCache`` or a ``StaticCache`` sized to
+    ``max_len`` (default: this context and its steps)."""
     from transformers import DynamicCache, StaticCache
 
     ids = torch.tensor([prompt_of(context, i) for i in range(batch)])
     if cache_kind == "static":
-        cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
+        cache = StaticCache(config=model.config, max_cache_len=max_len or context + steps + 1)
     else:
         cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -94,20 +100,34 @@ def suite_length(composition, args) -> dict:
     from compose_serve.members.smollm2 import smollm2_dir
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir()).eval()
-    rows: dict[str, dict[int, dict]] = {"engine": {}, "hf_dynamic_cache": {}, "hf_static_cache": {}}
+    rows: dict[str, dict[int, dict]] = {"engine": {}, "hf_dynamic_cache": {}, "hf_static_cache": {},
+                                        "hf_static_cache_sized_for_3072": {}}
+    longest = max(CONTEXTS) + args.steps + 1
     for context in CONTEXTS:
         rows["engine"][context] = summary(engine_step_ms(composition, context, args.batch, args.steps))
         rows["hf_dynamic_cache"][context] = summary(hf_step_ms(model, "dynamic", context, args.batch, args.steps))
         rows["hf_static_cache"][context] = summary(hf_step_ms(model, "static", context, args.batch, args.steps))
+        rows["hf_static_cache_sized_for_3072"][context] = summary(
+            hf_step_ms(model, "static", context, args.batch, args.steps, max_len=longest))
         print(f"context {context}: " + ", ".join(f"{k} {v[context]['median']:.1f} ms" for k, v in rows.items()),
               file=sys.stderr, flush=True)
     med = {k: {c: v[c]["median"] for c in CONTEXTS} for k, v in rows.items()}
     ratios = {"engine_3072_vs_64": med["engine"][3072] / med["engine"][64],
               "dynamic_cache_vs_engine_at_3072": med["hf_dynamic_cache"][3072] / med["engine"][3072],
-              "static_cache_vs_engine_at_3072": med["hf_static_cache"][3072] / med["engine"][3072]}
+              "static_cache_vs_engine_at_3072": med["hf_static_cache"][3072] / med["engine"][3072],
+              "static_cache_3072_vs_64": med["hf_static_cache"][3072] / med["hf_static_cache"][64],
+              "static_cache_sized_for_3072_3072_vs_64":
+                  med["hf_static_cache_sized_for_3072"][3072] / med["hf_static_cache_sized_for_3072"][64],
+              "engine_at_64_vs_static_sized_for_3072_at_64":
+                  med["engine"][64] / med["hf_static_cache_sized_for_3072"][64]}
     targets = {"engine_3072_vs_64": "<= 1.3", "dynamic_cache_vs_engine_at_3072": ">= 1.8"}
+    config = model.config  # what one decode step must read from memory, at least
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32 K and V
+    bytes_read = {"weights": sum(p.numel() for p in model.parameters()) * 4,
+                  **{f"kv_cache_at_{c}": kv_per_token * c * args.batch for c in CONTEXTS}}
     return {"unit": "ms per decode step, median", "batch": args.batch, "steps": args.steps, "rows": rows,
-            "ratios": ratios, "targets": targets}
+            "ratios": ratios, "targets": targets, "bytes_read_per_step": bytes_read}
 
 
 async def _stream(engine: AsyncEngine, ids: list[int], tokens: int, arrivals: list[float] | None = None) -> list[float]:
@@ -136,9 +156,11 @@ async def _dropper(engine: AsyncEngine, stop: asyncio.Event, seed: int) -> int:
 
 
 def suite_churn(composition, args) -> dict:
-    async def run(with_drops: bool, pack: bool) -> tuple[float, int]:
+    async def run(with_drops: bool, pack: bool, budget: int) -> tuple[float, int]:
         engine = AsyncEngine.from_composition(composition, max_batch=16)
         engine.engine.pack_steps = pack
+        engine.engine.packs_admission = pack and all(m.can_rollback for m in engine.engine.members)
+        engine.engine.max_prefill_tokens = budget
         stop = asyncio.Event()
         droppers = [asyncio.create_task(_dropper(engine, stop, 1000 * i)) for i in range(8)] if with_drops else []
         started = time.perf_counter()
@@ -149,25 +171,27 @@ def suite_churn(composition, args) -> dict:
         engine.close()
         return wall, dropped
 
-    out = {"unit": "seconds for 8 streams", "tokens_per_stream": args.tokens, "targets": {"with_drops_vs_alone": "<= 1.3"}}
+    rows = {}
     for pack in args.pack:
-        alone, drops = [], []
-        dropped = 0
-        for _ in range(args.repeats):
-            alone.append(asyncio.run(run(False, pack == "on"))[0])
-            wall, n = asyncio.run(run(True, pack == "on"))
-            drops.append(wall)
-            dropped += n
-        ratio = statistics.median(drops) / statistics.median(alone)
-        print(f"churn, packing {pack}: alone {statistics.median(alone):.2f} s, with 8 drop loops "
-              f"{statistics.median(drops):.2f} s ({ratio:.2f}x; {dropped} requests dropped)", file=sys.stderr, flush=True)
-        row = {"alone": summary(alone), "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
-               "ratios": {"with_drops_vs_alone": ratio}}
-        if pack == "on":
-            out.update(row)
-        else:
-            out["unpacked"] = row
-    return out
+        for budget in args.churn_budgets:
+            alone, drops = [], []
+            dropped = 0
+            for _ in range(args.repeats):
+                alone.append(asyncio.run(run(False, pack == "on", budget))[0])
+                wall, n = asyncio.run(run(True, pack == "on", budget))
+                drops.append(wall)
+                dropped += n
+            ratio = statistics.median(drops) / statistics.median(alone)
+            print(f"churn, max_prefill_tokens {budget}, packing {pack}: alone {statistics.median(alone):.2f} s, "
+                  f"with 8 drop loops {statistics.median(drops):.2f} s ({ratio:.2f}x; {dropped} requests dropped)",
+                  file=sys.stderr, flush=True)
+            rows[f"{budget}" if pack == "on" else f"{budget}_unpacked"] = {
+                "max_prefill_tokens": budget, "packed_steps": pack == "on", "alone": summary(alone),
+                "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
+                "dropped_per_second": dropped / sum(drops), "with_drops_vs_alone": ratio}
+    return {"unit": "seconds for 8 streams", "tokens_per_stream": args.tokens,
+            "dropper": {"prompt_tokens": 24, "tokens_read": 3}, "rows": rows,
+            "targets": {"with_drops_vs_alone": "<= 1.3"}}
 
 
 def suite_burst(composition, args) -> dict:
@@ -238,6 +262,8 @@ def main() -> None:
     parser.add_argument("--burst-tokens", type=int, default=4, help="new tokens per burst request")
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 256],
                         help="engine.max_prefill_tokens values of the burst suite (0: no limit)")
+    parser.add_argument("--churn-budgets", type=int, nargs="+", default=[256],
+                        help="engine.max_prefill_tokens values of the churn suite (256: the default)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--route-at-admission", action="store_true",
                         help="a routed composition's router reads every new prompt whole at admission (the "
