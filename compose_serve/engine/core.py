@@ -16,11 +16,12 @@ chunks under a per-step token budget (``max_prefill_tokens``; batched per member
 shared base in one forward), each chunk packed into the decode forward of a ``step``
 (``_packed_step``), so running streams keep their pace while a long prompt or a burst comes in.
 While sequences run, ``add`` itself runs no forward: a new request's first chunk rides in the next
-step's forward "on trial" (``Sequence.trial``); if that forward fails, every member rolls back to
-before it (``Member.rollback``), the step runs again without the new requests, and each is then
-tried alone, so a request whose input breaks a forward fails alone (``take_failures``) and the
-running ones lose nothing. With nothing running, or members that cannot roll back (remote ones),
-``add`` prefills the first chunk in its own forward and raises if it fails. A sequence whose prompt
+step's forward. Prompts are prefilled on trial: if a packed forward that carries chunks fails,
+every member rolls back to before it (``Member.rollback``), the step runs again without the
+chunks, and each prompt is then tried alone, so a request whose input breaks a forward fails alone
+(``take_failures``) and the running ones lose nothing. With nothing running, or members that
+cannot roll back (remote ones), ``add`` prefills the first chunk in its own forward and raises if
+it fails. A sequence whose prompt
 is complete gets its first token from the fused scores of the whole prompt (steps 2-6 on its last
 chunk's scores) and joins the running batch.
 Prompt log-probs (``params.prompt_logprobs``): when its prompt is complete, a sequence's prompt is
@@ -135,15 +136,13 @@ class Engine:
         # prompt log-probs run their own scoring pass at the first token: those stay in add
         if not alone and self.packs_admission and self.running and all(
                 s.request.params.prompt_logprobs is None for s in new):
-            for seq in new:
-                seq.trial = True
-            return events
+            return events  # the next step's packed forward takes their first chunk
         return events + self._prefill_chunk()
 
     def take_failures(self) -> list[tuple[str, Exception]]:
         """The requests that failed alone since the last call (``(request_id, exception)``; their
-        slots are already free): a request admitted on trial whose first chunk failed again when
-        tried alone, or whose first token's work raised."""
+        slots are already free): a prompt whose chunk failed again when tried alone, or whose first
+        token's work raised."""
         failures, self._failures = self._failures, []
         return failures
 
@@ -356,11 +355,12 @@ class Engine:
         in ``packed``; members on one shared base get every decode call, then every prefill call,
         and their host packs them in its one forward; any other member runs the two in turn.
 
-        Sequences on trial (first chunk not taken yet): if routing or the forward fails, the
-        members roll back, the step runs again without them, and each is tried alone
-        (``_try_alone``); if the work of their first token raises, the sequences that completed
-        their prompt in this step fail alone. The running sequences' tokens are kept either way."""
-        trial = [s for s in self.prefilling if s.trial]
+        Prompts are on trial where the members can roll back (``packs_admission``): if routing or
+        the forward fails, the members roll back, the step runs again without the prompts, and
+        each is tried alone (``_try_alone``); if the work of a first token raises, the sequences
+        that completed their prompt in this step fail alone. The running sequences' tokens are
+        kept either way."""
+        trial = list(self.prefilling) if self.packs_admission else []
         saved = [m.checkpoint() for m in self.members] if trial else None
         running = list(self.running)
         try:
@@ -368,19 +368,16 @@ class Engine:
         except Exception:
             if not trial:
                 raise
-            logger.warning("a step with %d new requests failed; rolled back, it runs again without them, and "
-                           "each is tried alone", len(trial), exc_info=True)
-            self.prefilling = [s for s in self.prefilling if not s.trial]
+            logger.warning("a step with %d prompts coming in failed; rolled back, it runs again without them, "
+                           "and each is tried alone", len(trial), exc_info=True)
+            self.prefilling = []
             events = self.step()
             return events + self._try_alone(trial)
-        first_chunks = any(seq.trial for seq in seqs)
-        for seq in seqs:
-            seq.trial = False
         events = self._advance(running, decode_scores)
         try:
             return events + self._finish_chunk(seqs, pieces, chunk_scores)
         except Exception as exc:
-            if not first_chunks:
+            if not trial:
                 raise
             done = [s for s in seqs if s.prefilled == len(s.request.prompt_ids)]
             logger.exception("the first token of %d requests failed; they end, the others go on", len(done))
@@ -388,11 +385,10 @@ class Engine:
             return events
 
     def _try_alone(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        """Each of ``seqs`` (on trial, rolled back) gets its first chunk in its own forward; one
-        that fails again ends alone (``take_failures``)."""
+        """Each of ``seqs`` (prompts coming in, rolled back) gets its next chunk in its own
+        forward; one that fails again ends alone (``take_failures``)."""
         events = []
         for seq in seqs:
-            seq.trial, seq.prefilled = False, 0
             self.prefilling.append(seq)
             try:
                 events += self._prefill_chunk([seq])

@@ -97,9 +97,6 @@ class Sequence:
     #: a routed request whose router features are still being computed, chunk by chunk
     #: (``router.FeatureState``); None once routed (its weights are then the router's)
     routing: object | None = None
-    #: admitted without a forward of its own: its first chunk rides in a step's packed forward,
-    #: and if that forward fails the step is rolled back and this request tried alone
-    trial: bool = False
     #: the fused samplers' Philox seed base (the request's seed, else random); a step's seed mixes
     #: it with the number of tokens drawn so far (``step_seed``)
     noise_seed: int = 0
