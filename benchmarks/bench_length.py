@@ -155,6 +155,48 @@ async def _dropper(engine: AsyncEngine, stop: asyncio.Event, seed: int) -> int:
     return dropped
 
 
+class ForwardLedger:
+    """Counts the members' decoder forwards while installed: per kind (``packed``: a step's decode
+    and prefill chunk in one; ``plain``: a decode or a prefill alone), how many, their tokens and
+    their seconds."""
+
+    def __init__(self) -> None:
+        self.rows = {kind: {"forwards": 0, "tokens": 0, "seconds": 0.0} for kind in ("packed", "plain")}
+        self._saved = {}
+
+    def __enter__(self) -> ForwardLedger:
+        from compose_serve.members.hf import HFMember
+
+        for name, kind in (("run_packed", "packed"), ("run_decoder", "plain")):
+            inner = self._saved[name] = getattr(HFMember, name)
+            setattr(HFMember, name, self._counting(inner, self.rows[kind]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from compose_serve.members.hf import HFMember
+
+        for name, inner in self._saved.items():
+            setattr(HFMember, name, inner)
+
+    @staticmethod
+    def _counting(inner, row: dict):
+        def forward(member, ids, *args):
+            started = time.perf_counter()
+            try:
+                return inner(member, ids, *args)
+            finally:
+                row["forwards"] += 1
+                row["tokens"] += ids.numel()
+                row["seconds"] += time.perf_counter() - started
+
+        return forward
+
+    def summary(self) -> dict:
+        return {kind: {**row, "tokens_per_forward": row["tokens"] / max(row["forwards"], 1),
+                       "ms_per_forward": 1e3 * row["seconds"] / max(row["forwards"], 1)}
+                for kind, row in self.rows.items()}
+
+
 def suite_churn(composition, args) -> dict:
     async def run(with_drops: bool, pack: bool, budget: int) -> tuple[float, int]:
         engine = AsyncEngine.from_composition(composition, max_batch=16)
@@ -177,8 +219,10 @@ def suite_churn(composition, args) -> dict:
             alone, drops = [], []
             dropped = 0
             for _ in range(args.repeats):
-                alone.append(asyncio.run(run(False, pack == "on", budget))[0])
-                wall, n = asyncio.run(run(True, pack == "on", budget))
+                with ForwardLedger() as ledger_alone:
+                    alone.append(asyncio.run(run(False, pack == "on", budget))[0])
+                with ForwardLedger() as ledger_drops:  # the last repeat's are kept
+                    wall, n = asyncio.run(run(True, pack == "on", budget))
                 drops.append(wall)
                 dropped += n
             ratio = statistics.median(drops) / statistics.median(alone)
@@ -188,7 +232,8 @@ def suite_churn(composition, args) -> dict:
             rows[f"{budget}" if pack == "on" else f"{budget}_unpacked"] = {
                 "max_prefill_tokens": budget, "packed_steps": pack == "on", "alone": summary(alone),
                 "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
-                "dropped_per_second": dropped / sum(drops), "with_drops_vs_alone": ratio}
+                "dropped_per_second": dropped / sum(drops), "with_drops_vs_alone": ratio,
+                "forwards_last_repeat": {"alone": ledger_alone.summary(), "with_drops": ledger_drops.summary()}}
     return {"unit": "seconds for 8 streams", "tokens_per_stream": args.tokens,
             "dropper": {"prompt_tokens": 24, "tokens_read": 3}, "rows": rows,
             "targets": {"with_drops_vs_alone": "<= 1.3"}}
