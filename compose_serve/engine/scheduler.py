@@ -4,8 +4,9 @@
   1. validate at once (``engine.check`` raises InvalidRequestError / ContextLengthError naming the
      field) and refuse with QueueFullError when ``max_batch + max_queue`` requests are already in;
   2. wait in a FIFO queue; at each step boundary the step thread applies pending aborts, admits
-     as many waiting requests as there are free slots (``engine.add``: prefill + first token) and
-     advances every running sequence one token (``engine.step``); a finished sequence leaves the
+     as many waiting requests as there are free slots (``engine.add``; while others run, their
+     first chunk rides in the step's forward) and advances every running sequence one token
+     (``engine.step``); a finished sequence leaves the
      batch in the step that finishes it, and running sequences are never re-prefilled;
   3. every event goes to the request's asyncio queue on the loop that submitted it
      (``loop.call_soon_threadsafe``); the stream ends after the event carrying a finish_reason.
@@ -14,8 +15,11 @@ waiting one leaves the queue at once, a running one frees its slot at the next s
 ``request_timeout`` (seconds from submit) does the same and raises RequestTimeoutError.
 A failure is kept to the requests it can be blamed on. If admitting new requests raises (their
 prefill, plan or first token), the running batch was not touched and goes on: the new requests
-are tried one by one and each that fails alone ends with RequestFailedError naming the cause. If
-a decode step (or freeing an aborted slot) raises, the cause cannot be told apart: every request
+are tried one by one and each that fails alone ends with RequestFailedError naming the cause.
+A step whose forward carried prompt chunks and failed is rolled back by the engine, which runs it
+again without them and tries each prompt alone; the ones that fail alone come back from
+``engine.take_failures()`` and end with RequestFailedError. If a decode step (or freeing an
+aborted slot) raises, the cause cannot be told apart: every request
 in the batch ends with StepFailedError, the engine is reset (all slots freed) and the loop goes
 on; if the reset fails too, the engine is dead: every pending request ends with EngineDeadError
 and so does every later submit. Nothing ever waits forever.
