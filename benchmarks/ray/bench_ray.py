@@ -9,7 +9,7 @@ async client (streamed completions, greedy, ``ignore_eos``), ``--repeats`` round
 - ``ray_distributed``: the same composition with each member in its own deployment.
 Reported per concurrency: aggregate output tokens/s (median), and the mean time per decoding step
 (wall time of a round / tokens per request), whose difference between distributed and colocated
-is the per-step cost of crossing replicas. Ratios: colocated / in-process (target >= 0.9),
+is the per-step cost of crossing replicas. Ratios: colocated / in-process (issue 15: >= 0.95 at c = 1 and 8),
 distributed step time / colocated step time. Results: ``benchmarks/results/ray_<device>.json``.
 """
 
@@ -139,7 +139,7 @@ def main() -> None:
     result = {"benchmark": "ray", "composition": spec.name, "members": len(spec.members),
               "conditions": conditions(tokens_per_request=args.tokens, repeats=args.repeats,
                                        client="openai.AsyncOpenAI, streamed", dtype="float32"),
-              "targets": {"ray_colocated_vs_in_process_tokens": 0.9}, "rows": rows, "ratios": ratios}
+              "targets": {"ray_colocated_vs_in_process_tokens": 0.95}, "rows": rows, "ratios": ratios}
     out = HERE.parent / "results" / f"ray_{device}.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(ratios, indent=2))
