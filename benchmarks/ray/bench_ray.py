@@ -3,7 +3,9 @@
     python benchmarks/ray/bench_ray.py [--tokens 32] [--concurrency 1 8] [--config smollm2]
 
 Every server runs in its own subprocess on loopback and is driven by the official ``openai``
-async client (streamed completions, greedy, ``ignore_eos``), ``--repeats`` rounds after a warm-up:
+async client (streamed completions, greedy, ``ignore_eos``), ``--repeats`` rounds after a warm-up;
+the in-process and the colocated servers run side by side and take their rounds in turn (so a
+drift of the machine falls on both alike), the distributed one runs after them:
 - ``in_process``: ``compose-serve serve --in-process`` (uvicorn, no Ray);
 - ``ray_colocated``: the same composition on Ray Serve, one replica holding members and engine;
 - ``ray_distributed``: the same composition with each member in its own deployment.
@@ -80,31 +82,53 @@ async def one_round(client, model: str, concurrency: int, tokens: int) -> float:
     return time.perf_counter() - started
 
 
-async def measure(kind: str, config: Path, model: str, args) -> dict:
-    import openai
+class Server:
+    """One server subprocess on loopback and an ``openai`` client for it."""
 
-    port = free_port()
-    proc = start(kind, config, port)
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                                timeout=600)
+    def __init__(self, kind: str, config: Path) -> None:
+        import openai
+
+        self.kind, self.port = kind, free_port()
+        self.proc = start(kind, config, self.port)
+        self.client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused",
+                                         max_retries=0, timeout=600)
+
+    async def stop(self) -> None:
+        await self.client.close()
+        os.killpg(self.proc.pid, 2)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+
+
+async def measure(servers: dict[str, tuple[str, Path]], model: str, args) -> dict:
+    """Start every server in ``servers`` ({row: (kind, config)}), warm each up, then run the rounds
+    interleaved (repeat by repeat, concurrency by concurrency, server by server), so that a drift
+    of the machine falls on every server alike. Returns {row: {c: summaries}}."""
+    running = {row: Server(kind, config) for row, (kind, config) in servers.items()}
     try:
-        await wait_ready(client, model)
-        out = {}
+        for server in running.values():
+            await wait_ready(server.client, model)
         for c in args.concurrency:
-            await one_round(client, model, c, args.tokens)  # warm-up
-            walls = [await one_round(client, model, c, args.tokens) for _ in range(args.repeats)]
-            out[c] = {"tokens_per_s": summary([c * args.tokens / w for w in walls]),
-                      "step_ms": summary([1000 * w / args.tokens for w in walls])}
-            print(f"{kind} c={c}: {out[c]['tokens_per_s']['median']:.1f} tokens/s, "
-                  f"{out[c]['step_ms']['median']:.1f} ms/step", file=sys.stderr)
+            for server in running.values():
+                await one_round(server.client, model, c, args.tokens)  # warm-up
+        walls: dict[str, dict[int, list[float]]] = {row: {c: [] for c in args.concurrency} for row in running}
+        for _ in range(args.repeats):
+            for c in args.concurrency:
+                for row, server in running.items():
+                    walls[row][c].append(await one_round(server.client, model, c, args.tokens))
+        out = {}
+        for row, per_c in walls.items():
+            out[row] = {c: {"tokens_per_s": summary([c * args.tokens / w for w in ws]),
+                            "step_ms": summary([1000 * w / args.tokens for w in ws])} for c, ws in per_c.items()}
+            for c in args.concurrency:
+                print(f"{row} c={c}: {out[row][c]['tokens_per_s']['median']:.1f} tokens/s, "
+                      f"{out[row][c]['step_ms']['median']:.1f} ms/step", file=sys.stderr)
         return out
     finally:
-        await client.close()
-        os.killpg(proc.pid, 2)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        for server in running.values():
+            await server.stop()
 
 
 def main() -> None:
@@ -122,9 +146,10 @@ def main() -> None:
         body["deployment"] = {**body["deployment"], "placement": placement}
         configs[placement] = tmp / f"{placement}.yaml"
         configs[placement].write_text(yaml.safe_dump(body))
-    rows = {"in_process": asyncio.run(measure("in_process", configs["colocated"], spec.name, args)),
-            "ray_colocated": asyncio.run(measure("ray", configs["colocated"], spec.name, args)),
-            "ray_distributed": asyncio.run(measure("ray", configs["distributed"], spec.name, args))}
+    # in-process and Ray colocated side by side, rounds interleaved; distributed on its own Ray instance after
+    rows = asyncio.run(measure({"in_process": ("in_process", configs["colocated"]),
+                                "ray_colocated": ("ray", configs["colocated"])}, spec.name, args))
+    rows.update(asyncio.run(measure({"ray_distributed": ("ray", configs["distributed"])}, spec.name, args)))
 
     def med(row: str, c: int, key: str) -> float:
         return rows[row][c][key]["median"]
@@ -137,7 +162,7 @@ def main() -> None:
               for c in args.concurrency}
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     result = {"benchmark": "ray", "composition": spec.name, "members": len(spec.members),
-              "conditions": conditions(tokens_per_request=args.tokens, repeats=args.repeats,
+              "conditions": conditions(tokens_per_request=args.tokens, repeats=args.repeats, rounds="interleaved",
                                        client="openai.AsyncOpenAI, streamed", dtype="float32"),
               "targets": {"ray_colocated_vs_in_process_tokens": 0.95}, "rows": rows, "ratios": ratios}
     out = HERE.parent / "results" / f"ray_{device}.json"
