@@ -112,11 +112,11 @@ class Engine:
             self._grammars().compile(request.params.structured)
         return weights
 
-    def add(self, requests: list[Request], alone: bool = False) -> list[TokenEvent]:
+    def add(self, requests: list[Request]) -> list[TokenEvent]:
         """Admit ``requests`` into free slots. While sequences run (and the members can roll
         back), no forward runs here: the first chunks ride in the next ``step`` (on trial, see the
-        module docstring). Otherwise, or with ``alone``, the first chunk is prefilled here in its
-        own forward (an exception propagates; the scheduler then frees the new slots). Returns
+        module docstring). Otherwise the first chunk is prefilled here in its own forward (an
+        exception propagates; the scheduler then frees the new slots). Returns
         events: the first tokens of the sequences whose prompt that chunk completed, and those of
         ``max_tokens`` 0 requests (scored here, at once)."""
         if len(requests) > self.free_slots:
@@ -134,7 +134,7 @@ class Engine:
         new = [s for s in seqs if s.request.params.max_tokens > 0]
         self.prefilling.extend(new)
         # prompt log-probs run their own scoring pass at the first token: those stay in add
-        if not alone and self.packs_admission and self.running and all(
+        if self.packs_admission and self.running and all(
                 s.request.params.prompt_logprobs is None for s in new):
             return events  # the next step's packed forward takes their first chunk
         return events + self._prefill_chunk()
