@@ -212,3 +212,27 @@ def test_over_the_scheduler_the_poisoned_request_fails_alone(tiny, monkeypatch):
     assert isinstance(poisoned, RequestFailedError) and "poisoned token" in poisoned.message
     assert [first, good, good2] == references
     assert stats.alive and stats.running == 0 and engine.engine.free_slots == 4
+
+
+def test_a_first_token_that_fails_after_the_forward_ends_its_request_alone(tiny, monkeypatch):
+    """The forward passes; the new request's first token breaks afterwards (its detokenizer
+    raises): the running request keeps its tokens and goes on, the new one alone ends."""
+    from compose_serve.engine.detokenizer import Detokenizer
+
+    composition = build_composition(_spec(tiny, "shared"))
+    inner = Detokenizer.push
+
+    def push(self, token_id, check_stop=True):
+        if _holds_poison(torch.tensor(self.ids)):
+            raise RuntimeError("detokenizer exploded")
+        return inner(self, token_id, check_stop)
+
+    monkeypatch.setattr(Detokenizer, "push", push)
+    poisoned = _greedy([40, *POISON, 41])
+    engine = Engine(composition, max_batch=4)
+    tokens, failures = _drive(engine, [poisoned])
+    running_id = next(iter(tokens))
+    assert _same(tokens[running_id], _alone(composition, _greedy([5, 6, 11, 12], n=10)))
+    assert [(rid, str(exc)) for rid, exc in failures] == [(poisoned.request_id, "detokenizer exploded")]
+    assert tokens[poisoned.request_id] == []
+    assert engine.free_slots == 4 and all(not m.live_slots for m in engine.members)
