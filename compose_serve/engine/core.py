@@ -167,25 +167,17 @@ class Engine:
         batched forward (``Composition.prompt_features``), a longer one chunk by chunk across steps
         (``router.FeatureState``, one forward per prompt). A prompt whose features are complete
         gets its weights from the router (``Method.route``: top_k, min_confidence) and is
-        prefilled from then on. The queue is served in order: a routed prompt ahead of one still
-        being routed keeps its share of the budget for its prefill (so the first prompt of a burst
-        is prefilled before the later ones are routed). ``pool``: these prefilling sequences only.
-        Returns the budget left for the members' chunk."""
+        prefilled from then on. ``pool``: these prefilling sequences only. Returns the budget left
+        for the members' chunk."""
         budget = self.max_prefill_tokens or float("inf")
         router = self.method.router
-        pool = self.prefilling if pool is None else pool
-        if all(s.routing is None for s in pool):
+        routing = [s for s in (self.prefilling if pool is None else pool) if s.routing is not None]
+        if not routing:
             return budget
         whole, done = [], []
-        reserved = 0  # the prefill share of routed prompts ahead in the queue
-        for seq in pool:
+        for seq in routing:
             if budget <= 0:
                 break
-            if seq.routing is None:
-                n = min(len(seq.request.prompt_ids) - seq.prefilled, budget)
-                reserved += n
-                budget -= n
-                continue
             state, prompt = seq.routing, seq.request.prompt_ids
             n = int(min(len(prompt) - state.seen, budget))
             budget -= n
@@ -205,7 +197,7 @@ class Engine:
             self._route(done, torch.stack([s.routing.features(router.pooling) for s in done]))
         for seq in whole + done:
             seq.routing = None
-        return budget + reserved
+        return budget
 
     def _next_chunk(self, budget: float, pool: list[Sequence] | None = None) -> tuple[list[Sequence], list[list[int]]]:
         """The prefilling sequences (of ``pool``, if given) this step's chunk covers (front

@@ -209,36 +209,3 @@ def test_the_fused_teacher_routes_each_row_like_the_engine(tiny, tmp_path, route
         alone = FusedTeacher(composition, {"weights": {chosen: 1.0}})(ids[row:row + 1], mask[row:row + 1],
                                                                        prompt[row:row + 1], select[row:row + 1])
         torch.testing.assert_close(got[rows_of == row], alone, atol=1e-5, rtol=1e-5)
-
-
-def test_a_routed_prompt_is_prefilled_before_the_next_one_is_routed(tiny, tmp_path, router_weights):
-    """Two 40-token prompts arrive together under a 4-token budget while one request decodes: the
-    queue is served in order, so the first is routed (10 steps) and then prefilled (10 steps)
-    before the router reads any of the second (before, every prompt was routed before any was
-    prefilled); both still get the classifier's probabilities by hand and the tokens they get
-    alone."""
-    weight, bias = router_weights
-    composition = build_composition(_spec(tiny, _router(tmp_path, weight, bias), top_k=1))
-    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    long_ids = [(tok.encode(" ".join(PROMPTS)) * 3)[:40], (tok.encode(" ".join(reversed(PROMPTS))) * 3)[:40]]
-    engine = Engine(composition, max_batch=3, max_prefill_tokens=4)
-    events = engine.add([Request(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=60, temperature=0.0,
-                                                                            ignore_eos=True))])
-    while engine.prefilling:  # it decodes before the long prompts come
-        events += engine.step()
-    events += engine.add([Request(ids, params, request_id=f"long{i}") for i, ids in enumerate(long_ids)])
-    second = next(s for s in engine.prefilling if s.request_id == "long1")
-    steps, seen_by_then = 0, None
-    while engine.busy:
-        events += engine.step()
-        steps += 1
-        if seen_by_then is None and any(e.request_id == "long0" for e in events):
-            seen_by_then = (steps, second.routing.seen if second.routing is not None else 40)
-    assert seen_by_then == (20, 0)  # long0's first token after 10 + 10 steps; long1 not read yet
-    for i, ids in enumerate(long_ids):
-        first = next(e for e in events if e.request_id == f"long{i}")
-        np.testing.assert_allclose([first.diagnostics["router"][n] for n in NAMES],
-                                   _hand_probs(tiny, ids, weight, bias), atol=1e-5)
-        alone = Engine(composition, max_batch=1).generate([Request(ids, params)])[0].token_ids
-        assert [e.token_id for e in events if e.request_id == f"long{i}"] == alone
