@@ -2,9 +2,10 @@
 
 What both generation routes take (OpenAI's shared sampling and streaming fields, vLLM's sampling
 and structured-output fields, prompt log-probs, the refused fields, and this project's one
-extension, ``composition``) is declared once, in ``_Generation``; each route's model adds its own. Requests are strict about types (``"0.5"`` is not a number) and
-ignore fields they do not know, as OpenAI-compatible servers do; ranges are checked once, by
-``SamplingParams``, which names the field. Known fields that would change the output and are not
+extension, ``composition``) is declared once, in ``_Generation``; each route's model adds its own.
+Requests are strict about types (``"0.5"`` is not a number) and ignore fields they do not know,
+as OpenAI-compatible servers do; ranges are checked once, by ``SamplingParams``, which names the
+field. Known fields that would change the output and are not
 implemented (beam search, ``bad_words``, ``suffix`` ...) are typed ``Any`` so that a request
 setting one gets a 400 naming it (``inputs.refuse_unsupported``), never a silently different reply.
 """

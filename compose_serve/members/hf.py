@@ -166,7 +166,7 @@ class HFMember(Member):
     def rollback(self, saved: tuple) -> None:
         lengths, nll = saved
         self.kv.rollback(lengths)
-        self._nll = {key: value for key, value in nll.items() if key in lengths}
+        self._nll = nll  # its keys were live at the checkpoint (release drops a key's entry)
 
     # -- rows of the slot cache (a shared base calls these with its own keys) --------------
     def prefill_rows(self, keys: list[Hashable], token_ids: Sequence[Sequence[int]]) -> Chunk:

@@ -158,11 +158,7 @@ class SlotCache(Cache):
         """Plan a forward appending ``chunk_lens[i]`` tokens to each key (new keys are admitted);
         the forward's input is right-padded to ``width``. Returns ``positions [n, width]`` and the
         4D ``mask [n, 1, width, kv_len]``."""
-        for key in keys:
-            if key not in self.row_of:
-                self._admit(key)
-            elif self.row_of[key] < self.n_decoding:
-                raise ValueError(f"row {key!r} already decodes; it cannot be prefilled again")
+        self._admit_prefilling(keys)
         rows = [self.row_of[k] for k in keys]
         starts = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long)
         ends = starts + torch.tensor(list(chunk_lens), dtype=torch.long)
@@ -200,11 +196,7 @@ class SlotCache(Cache):
         if set(decode_keys) & set(prefill_keys):
             raise ValueError("a key is listed twice")
         self._join_decoding(decode_keys)
-        for key in prefill_keys:
-            if key not in self.row_of:
-                self._admit(key)
-            elif self.row_of[key] < self.n_decoding:
-                raise ValueError(f"row {key!r} already decodes; it cannot be prefilled again")
+        self._admit_prefilling(prefill_keys)
         batch = self.n_decoding
         starts = self.lengths[:batch]
         rows = [self.row_of[k] for k in prefill_keys]
@@ -308,6 +300,14 @@ class SlotCache(Cache):
             if row >= self.n_decoding:
                 self._swap(row, self.n_decoding)
                 self.n_decoding += 1
+
+    def _admit_prefilling(self, keys: Sequence[Hashable]) -> None:
+        """Admit the new ``keys`` of a prefill chunk; a key that already decodes is refused."""
+        for key in keys:
+            if key not in self.row_of:
+                self._admit(key)
+            elif self.row_of[key] < self.n_decoding:
+                raise ValueError(f"row {key!r} already decodes; it cannot be prefilled again")
 
     def _plan(self, rows: list[int], cols: torch.Tensor, kv_len: int) -> Plan:
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))

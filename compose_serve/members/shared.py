@@ -172,26 +172,40 @@ class SharedBase(HFMember):
         raise TypeError("a SharedBase serves members; call a SharedMember")
 
 
-class SharedMember(Member):
+class HostedMember(Member):
+    """What every member on a ``SharedBase`` shares: the host's model facts, its router features,
+    and its checkpoint (every member on a host shares its cache; rolling back twice is harmless)."""
+
+    can_rollback = True
+
+    def __init__(self, name: str, host: SharedBase) -> None:
+        self.name, self.host = name, host
+        self.tokenizer, self.vocab_size, self.max_context = host.tokenizer, host.vocab_size, host.max_context
+        self.device, self.config = host.device, host.config
+        self.lm = host.lm  # the one model object (eos ids, tests of storage)
+
+    def checkpoint(self) -> object:
+        return self.host.checkpoint()
+
+    def rollback(self, saved) -> None:
+        self.host.rollback(saved)
+
+    def prompt_features(self, token_ids, layer: int, pooling: str) -> torch.Tensor:
+        return self.host.prompt_features(token_ids, layer, pooling)
+
+    def prompt_features_chunk(self, state, piece: list[int], layer: int, pooling: str) -> None:
+        self.host.flush()  # the bare-base plan must not leak into a pending call's forward
+        self.host.prompt_features_chunk(state, piece, layer, pooling)
+
+
+class SharedMember(HostedMember):
     """A member on a ``SharedBase``: its adapter (or the bare base) on its own cache rows."""
 
     def __init__(self, name: str, host: SharedBase, adapter: str | None) -> None:
         if adapter is not None and adapter not in host.adapter_names:
             raise ConfigError(f"member {name!r}: adapter {adapter!r} is not loaded on its base", param="adapter")
-        self.name, self.host = name, host
+        super().__init__(name, host)
         self.adapter = adapter or BASE
-        self.tokenizer, self.vocab_size, self.max_context = host.tokenizer, host.vocab_size, host.max_context
-        self.device, self.config = host.device, host.config
-        self.lm = host.lm  # the one model object (eos ids, tests of storage)
-
-    can_rollback = True
-
-    def checkpoint(self) -> tuple:
-        """The host's (every member on it shares its cache; rolling back twice is harmless)."""
-        return self.host.checkpoint()
-
-    def rollback(self, saved: tuple) -> None:
-        self.host.rollback(saved)
 
     @property
     def live_slots(self) -> list[int]:
@@ -222,13 +236,6 @@ class SharedMember(Member):
         self.host.flush()
         hidden = self.host.forward_sequences(ids, mask, [self.adapter] * ids.shape[0])
         return self.host.logits(hidden if select is None else hidden[select.to(self.device)])
-
-    def prompt_features(self, token_ids, layer: int, pooling: str) -> torch.Tensor:
-        return self.host.prompt_features(token_ids, layer, pooling)
-
-    def prompt_features_chunk(self, state, piece: list[int], layer: int, pooling: str) -> None:
-        self.host.flush()  # the bare-base plan must not leak into a pending call's forward
-        self.host.prompt_features_chunk(state, piece, layer, pooling)
 
 
 def load_adapters(lm: torch.nn.Module, adapters: dict[str, str]):

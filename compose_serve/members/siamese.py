@@ -14,41 +14,38 @@ import torch
 
 from ..errors import ConfigError
 from ..methods.interweave import ImsmGate, interweave, prompt_means
-from .base import Member, Scores
+from .base import Scores
 from .hf import Chunk
 from .row_lora import BASE
-from .shared import RowCall, SharedBase
+from .shared import HostedMember, RowCall, SharedBase
 
 STREAMS = ("base", "adapted")
 
 
-class SiameseMember(Member):
+class SiameseMember(HostedMember):
     """Base + adapter in one forward, fused by an IMSM gate (a module or a scalar g)."""
 
     def __init__(self, name: str, host: SharedBase, adapter: str, gate: ImsmGate | float) -> None:
         if adapter not in host.adapter_names:
             raise ConfigError(f"member {name!r}: a siamese member needs a LoRA adapter on its base "
                               f"(loaded: {host.adapter_names})", param="adapter")
-        self.name, self.host, self.adapter = name, host, adapter
-        self.tokenizer, self.vocab_size, self.max_context = host.tokenizer, host.vocab_size, host.max_context
-        self.device, self.lm, self.config = host.device, host.lm, host.config
+        super().__init__(name, host)
+        self.adapter = adapter
         self.gate = gate.to(host.device) if isinstance(gate, ImsmGate) else gate
         self.prompt_means: dict[int, torch.Tensor] = {}  # slot -> hq [2, d]
         self._prompt_sums: dict[int, tuple] = {}  # slot -> (sum [2, d], count [2, 1]) over the chunks so far
         self.last_streams: torch.Tensor | None = None  # [B, 2, d] of the latest call, for inspection
-
-    can_rollback = True
 
     @property
     def live_slots(self) -> list[int]:
         return [key[1] for key in self.host.kv.keys if key[0] == self.name and key[2] == STREAMS[0]]
 
     def checkpoint(self) -> tuple:
-        return self.host.checkpoint(), dict(self.prompt_means), dict(self._prompt_sums)
+        return super().checkpoint(), dict(self.prompt_means), dict(self._prompt_sums)
 
     def rollback(self, saved: tuple) -> None:
         host, means, sums = saved
-        self.host.rollback(host)
+        super().rollback(host)
         self.prompt_means, self._prompt_sums = means, sums
 
     def _rows(self, slots) -> tuple[list, list[str]]:
@@ -105,13 +102,6 @@ class SiameseMember(Member):
         streams, means = hidden.view(-1, 2, *hidden.shape[1:]), means.view(-1, 2, 1, hidden.shape[-1])
         fused, _ = interweave(self.gate, means[:, 0], streams[:, 0], streams[:, 1], means[:, 1])  # [B, T, d]
         return self.host.logits(fused if select is None else fused[select.to(self.device)])
-
-    def prompt_features(self, token_ids, layer: int, pooling: str) -> torch.Tensor:
-        return self.host.prompt_features(token_ids, layer, pooling)
-
-    def prompt_features_chunk(self, state, piece: list[int], layer: int, pooling: str) -> None:
-        self.host.flush()  # the bare-base plan must not leak into a pending call's forward
-        self.host.prompt_features_chunk(state, piece, layer, pooling)
 
     def _fuse(self, last_hidden: torch.Tensor, means: torch.Tensor) -> Scores:
         """``last_hidden [2B, d]`` (rows base, adapted, base, ...), ``means [B, 2, d]``."""
