@@ -13,7 +13,7 @@ from kernel_cases import TOL, make_coeffs, make_members, make_temperatures, make
 
 @pytest.fixture(autouse=True)
 def _fresh_log(monkeypatch):
-    monkeypatch.setattr(kernels, "_logged", set())
+    monkeypatch.setattr(kernels.dispatch, "_logged", set())
     monkeypatch.delenv("COMPOSE_SERVE_KERNELS", raising=False)
 
 
