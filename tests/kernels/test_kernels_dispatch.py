@@ -119,3 +119,20 @@ def test_more_members_than_the_kernels_take_fall_back_to_torch(monkeypatch, capl
     assert [r.getMessage() for r in caplog.records] == [
         f"fusion kernels: torch ({k} members: the Triton kernels take at most {kernels.MAX_MEMBERS})"
     ]
+
+
+def test_a_top_level_import_kernels_from_the_repo_root_is_not_this_folder():
+    """With the repository root first on sys.path (``python -m`` from the root), ``import kernels``
+    must not be compose-serve's folder: transformers imports Hugging Face's hub package by that name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import kernels, transformers.modeling_utils, compose_serve.kernels as ck; "
+            "print(getattr(kernels, '__file__', None)); print(ck.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hub, ours = out.stdout.split()
+    assert Path(ours) == root / "kernels" / "__init__.py"
+    assert hub == "None" or Path(hub) != Path(ours)
