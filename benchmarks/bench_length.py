@@ -22,8 +22,9 @@ Suites (each writes its rows and ratios into ``benchmarks/results/length_<device
   Target: <= 2x.
 
 ``churn`` and ``burst`` run with the engine's packed steps (a step's decode and prefill chunk in
-one forward; a new request's first chunk rides in it) on and off, ``--pack on off``, in the same
-run.
+one forward; a new request's first chunk rides in it) on and off, ``--pack on off``, and with the
+chunk paced (``engine.prefill_slowdown``, ``--slowdowns 0.5``: sized from measured step costs, capped
+by the budget) or fixed at the budget (``none``), in the same run.
 """
 
 from __future__ import annotations
@@ -198,11 +199,12 @@ class ForwardLedger:
 
 
 def suite_churn(composition, args) -> dict:
-    async def run(with_drops: bool, pack: bool, budget: int) -> tuple[float, int]:
+    async def run(with_drops: bool, pack: bool, budget: int, slowdown: float | None) -> tuple[float, int]:
         engine = AsyncEngine.from_composition(composition, max_batch=16)
         engine.engine.pack_steps = pack
         engine.engine.packs_admission = pack and all(m.can_rollback for m in engine.engine.members)
         engine.engine.max_prefill_tokens = budget
+        engine.engine.pacer.slowdown = slowdown
         stop = asyncio.Event()
         droppers = [asyncio.create_task(_dropper(engine, stop, 1000 * i)) for i in range(8)] if with_drops else []
         started = time.perf_counter()
@@ -214,37 +216,38 @@ def suite_churn(composition, args) -> dict:
         return wall, dropped
 
     rows = {}
-    for pack in args.pack:
-        for budget in args.churn_budgets:
-            alone, drops = [], []
-            dropped = 0
-            for _ in range(args.repeats):
-                with ForwardLedger() as ledger_alone:
-                    alone.append(asyncio.run(run(False, pack == "on", budget))[0])
-                with ForwardLedger() as ledger_drops:  # the last repeat's are kept
-                    wall, n = asyncio.run(run(True, pack == "on", budget))
-                drops.append(wall)
-                dropped += n
-            ratio = statistics.median(drops) / statistics.median(alone)
-            print(f"churn, max_prefill_tokens {budget}, packing {pack}: alone {statistics.median(alone):.2f} s, "
-                  f"with 8 drop loops {statistics.median(drops):.2f} s ({ratio:.2f}x; {dropped} requests dropped)",
-                  file=sys.stderr, flush=True)
-            rows[f"{budget}" if pack == "on" else f"{budget}_unpacked"] = {
-                "max_prefill_tokens": budget, "packed_steps": pack == "on", "alone": summary(alone),
-                "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
-                "dropped_per_second": dropped / sum(drops), "with_drops_vs_alone": ratio,
-                "forwards_last_repeat": {"alone": ledger_alone.summary(), "with_drops": ledger_drops.summary()}}
+    for pack, budget, slowdown in _variants(args.pack, args.churn_budgets, args.slowdowns):
+        alone, drops = [], []
+        dropped = 0
+        for _ in range(args.repeats):
+            with ForwardLedger() as ledger_alone:
+                alone.append(asyncio.run(run(False, pack == "on", budget, slowdown))[0])
+            with ForwardLedger() as ledger_drops:  # the last repeat's are kept
+                wall, n = asyncio.run(run(True, pack == "on", budget, slowdown))
+            drops.append(wall)
+            dropped += n
+        ratio = statistics.median(drops) / statistics.median(alone)
+        print(f"churn, max_prefill_tokens {budget}, prefill_slowdown {slowdown}, packing {pack}: alone {statistics.median(alone):.2f} s, "
+              f"with 8 drop loops {statistics.median(drops):.2f} s ({ratio:.2f}x; {dropped} requests dropped)",
+              file=sys.stderr, flush=True)
+        rows[_row_key(pack, budget, slowdown)] = {
+            "max_prefill_tokens": budget, "prefill_slowdown": slowdown, "packed_steps": pack == "on",
+            "alone": summary(alone),
+            "with_8_drop_loops": summary(drops), "dropped_requests": dropped,
+            "dropped_per_second": dropped / sum(drops), "with_drops_vs_alone": ratio,
+            "forwards_last_repeat": {"alone": ledger_alone.summary(), "with_drops": ledger_drops.summary()}}
     return {"unit": "seconds for 8 streams", "tokens_per_stream": args.tokens,
             "dropper": {"prompt_tokens": 24, "tokens_read": 3}, "rows": rows,
             "targets": {"with_drops_vs_alone": "<= 1.3"}}
 
 
 def suite_burst(composition, args) -> dict:
-    async def run(budget: int, burst: bool, pack: bool) -> tuple[list[float], list[float]]:
+    async def run(budget: int, burst: bool, pack: bool, slowdown: float | None) -> tuple[list[float], list[float]]:
         """The 8 streams' inter-token gaps, and the TTFT of each burst request that got its first
         token before the 8 streams ended (seconds from the burst's arrival)."""
         engine = AsyncEngine.from_composition(composition, max_batch=40)
         engine.engine.max_prefill_tokens = budget
+        engine.engine.pacer.slowdown = slowdown
         engine.engine.pack_steps = pack
         streams = [asyncio.create_task(_stream(engine, prompt_of(24, i), args.tokens)) for i in range(8)]
         await asyncio.sleep(0.5)  # the eight streams are decoding
@@ -261,22 +264,21 @@ def suite_burst(composition, args) -> dict:
         return gaps, [seen[0] - sent for seen in burst_arrivals if seen]
 
     rows = {}
-    for pack in args.pack:
-        for budget in args.budgets:
-            base, _ = asyncio.run(run(budget, False, pack == "on"))
-            with_burst, ttfts = asyncio.run(run(budget, True, pack == "on"))
-            p90 = {"alone": summary(base)["p90"], "burst": summary(with_burst)["p90"]}
-            row = rows[f"{budget}" if pack == "on" else f"{budget}_unpacked"] = {
-                "max_prefill_tokens": budget, "packed_steps": pack == "on",
-                "itl_alone_s": summary(base), "itl_with_burst_s": summary(with_burst),
-                "p90_ratio": p90["burst"] / p90["alone"],
-                "burst_first_tokens_while_streams_ran": len(ttfts),
-                "burst_ttft_s": summary(ttfts) if ttfts else None}
-            print(f"burst, max_prefill_tokens {budget}, packing {pack}: p90 ITL {1e3 * p90['alone']:.0f} ms alone, "
-                  f"{1e3 * p90['burst']:.0f} ms with the burst ({row['p90_ratio']:.2f}x; longest gap "
-                  f"{1e3 * row['itl_with_burst_s']['max']:.0f} ms); "
-                  f"{len(ttfts)}/32 burst requests had their first token before the streams ended", file=sys.stderr,
-                  flush=True)
+    for pack, budget, slowdown in _variants(args.pack, args.budgets, args.slowdowns):
+        base, _ = asyncio.run(run(budget, False, pack == "on", slowdown))
+        with_burst, ttfts = asyncio.run(run(budget, True, pack == "on", slowdown))
+        p90 = {"alone": summary(base)["p90"], "burst": summary(with_burst)["p90"]}
+        row = rows[_row_key(pack, budget, slowdown)] = {
+            "max_prefill_tokens": budget, "prefill_slowdown": slowdown, "packed_steps": pack == "on",
+            "itl_alone_s": summary(base), "itl_with_burst_s": summary(with_burst),
+            "p90_ratio": p90["burst"] / p90["alone"],
+            "burst_first_tokens_while_streams_ran": len(ttfts),
+            "burst_ttft_s": summary(ttfts) if ttfts else None}
+        print(f"burst, max_prefill_tokens {budget}, prefill_slowdown {slowdown}, packing {pack}: p90 ITL {1e3 * p90['alone']:.0f} ms alone, "
+              f"{1e3 * p90['burst']:.0f} ms with the burst ({row['p90_ratio']:.2f}x; longest gap "
+              f"{1e3 * row['itl_with_burst_s']['max']:.0f} ms); "
+              f"{len(ttfts)}/32 burst requests had their first token before the streams ended", file=sys.stderr,
+              flush=True)
     # The streams' own 24-token prompts are chunked too, so a small budget slows their first steps
     # even alone; the budget-independent reference is their p90 alone at the largest budget.
     reference = min(row["itl_alone_s"]["p90"] for row in rows.values() if row["max_prefill_tokens"] == max(args.budgets))
@@ -285,6 +287,21 @@ def suite_burst(composition, args) -> dict:
     return {"unit": "inter-token latency of the 8 running streams, seconds", "tokens_per_stream": args.tokens,
             "burst": {"requests": 32, "prompt_tokens": 1000, "new_tokens": args.burst_tokens},
             "rows": {str(b): r for b, r in rows.items()}, "targets": {"p90_ratio": "<= 2"}}
+
+
+def _variants(packs: list[str], budgets: list[int], slowdowns: list[float | None]):
+    """Every (packing, max_prefill_tokens, prefill_slowdown) of a suite, in run order."""
+    return [(pack, budget, slowdown) for pack in packs for budget in budgets for slowdown in slowdowns]
+
+
+def _row_key(pack: str, budget: int, slowdown: float | None) -> str:
+    """``256``, ``256_unpacked``, ``256_paced0.5``, ``256_unpacked_paced0.5``: the keys of earlier
+    runs (a fixed budget) are kept."""
+    return f"{budget}" + ("" if pack == "on" else "_unpacked") + ("" if slowdown is None else f"_paced{slowdown:g}")
+
+
+def _slowdown(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "fixed") else float(text)
 
 
 def _route_at_admission(self) -> float:
@@ -309,6 +326,9 @@ def main() -> None:
                         help="engine.max_prefill_tokens values of the burst suite (0: no limit)")
     parser.add_argument("--churn-budgets", type=int, nargs="+", default=[256],
                         help="engine.max_prefill_tokens values of the churn suite (256: the default)")
+    parser.add_argument("--slowdowns", type=_slowdown, nargs="+", default=[None, 0.5],
+                        help="engine.prefill_slowdown values of churn and burst ('none': the chunk is always the "
+                             "budget; 0.5: the default, paced from measured step costs)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--route-at-admission", action="store_true",
                         help="a routed composition's router reads every new prompt whole at admission (the "

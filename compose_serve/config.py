@@ -119,13 +119,17 @@ PARAMS: dict[str, type[_Strict]] = {
 
 class EngineSpec(_Strict):
     """How the engine batches: running sequences at most, the waiting queue's bound, the prompt
-    tokens prefilled (and routed) per step (0: no limit; a long prompt or a burst is prefilled in
-    chunks of at most this many tokens, so running streams keep their pace), and whether a step's
-    chunk rides in its decode forward (``pack_steps``; false: two forwards per step)."""
+    tokens prefilled (and routed) per step at most (0: no limit; a long prompt or a burst is
+    prefilled in chunks of at most this many tokens), how much a step's chunk may slow the running
+    streams (``prefill_slowdown``: while sequences run, the chunk is sized from the measured cost of
+    a decode step and of a prompt token so that a step takes about ``1 + prefill_slowdown`` times a
+    decode step alone, ``engine/pacing.py``; null: every chunk gets ``max_prefill_tokens``), and
+    whether a step's chunk rides in its decode forward (``pack_steps``; false: two forwards)."""
 
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
     max_queue: Annotated[int, Field(ge=0)] = 256
     max_prefill_tokens: Annotated[int, Field(ge=0)] = 256
+    prefill_slowdown: Annotated[float, Field(gt=0)] | None = 0.5
     pack_steps: bool = True
 
 

@@ -12,9 +12,11 @@
 ``Engine.add(requests)`` admits new sequences at a step boundary: a routed composition first asks
 its router which members run for each, reading each prompt through the shared base's first blocks
 chunk by chunk under the same budget (``_route_chunk``); then their prompts are prefilled in
-chunks under a per-step token budget (``max_prefill_tokens``; batched per member, members on one
-shared base in one forward), each chunk packed into the decode forward of a ``step``
-(``_packed_step``), so running streams keep their pace while a long prompt or a burst comes in.
+chunks under a per-step token budget (``max_prefill_tokens`` at most; while sequences run, what
+``StepPacer`` allows from the measured step costs, ``engine/pacing.py``; batched per member,
+members on one shared base in one forward), each chunk packed into the decode forward of a
+``step`` (``_packed_step``), so running streams keep their pace while a long prompt or a burst
+comes in.
 While sequences run, ``add`` itself runs no forward: a new request's first chunk rides in the next
 step's forward. Prompts are prefilled on trial: if a packed forward that carries chunks fails,
 every member rolls back to before it (``Member.rollback``), the step runs again without the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -52,6 +55,7 @@ from ..router import FeatureState
 from ..sampling import Sampler, SamplerOutput, make_generator
 from .admission import check_request
 from .detokenizer import Detokenizer
+from .pacing import StepPacer
 from .scoring import can_teacher_force, score_prompts
 from .sequence import Completion, Request, Sequence, TokenEvent
 
@@ -63,7 +67,7 @@ class Engine:
 
     def __init__(self, composition: Composition, max_batch: int | None = None,
                  max_prefill_tokens: int | None = None, fused_sampling: bool | None = None,
-                 pack_steps: bool | None = None) -> None:
+                 pack_steps: bool | None = None, prefill_slowdown: float | None | str = "config") -> None:
         self.composition = composition
         self.members = composition.members
         self.method = composition.method
@@ -71,6 +75,11 @@ class Engine:
         #: prompt tokens prefilled per step at most (0: no limit, every admitted prompt at once)
         self.max_prefill_tokens = (composition.spec.engine.max_prefill_tokens if max_prefill_tokens is None
                                    else max_prefill_tokens)
+        #: the per-step prompt budget while sequences run (``engine/pacing.py``); ``prefill_slowdown``
+        #: "config": the composition's ``engine.prefill_slowdown``; None: always ``max_prefill_tokens``
+        slowdown = composition.spec.engine.prefill_slowdown if prefill_slowdown == "config" else prefill_slowdown
+        self.pacer = StepPacer(slowdown, self.max_prefill_tokens)
+        self._prompt_tokens = 0  # prompt tokens routed or prefilled in the current step
         self.sampler = Sampler(composition.eos_token_ids)
         self.running: list[Sequence] = []
         self.prefilling: list[Sequence] = []  # admitted, prompt not complete yet (FIFO)
@@ -169,7 +178,8 @@ class Engine:
         gets its weights from the router (``Method.route``: top_k, min_confidence) and is
         prefilled from then on. ``pool``: these prefilling sequences only. Returns the budget left
         for the members' chunk."""
-        budget = self.max_prefill_tokens or float("inf")
+        self.pacer.cap = self.max_prefill_tokens  # an attribute callers (benchmarks) may set
+        budget = self.pacer.budget(bool(self.running))
         router = self.method.router
         routing = [s for s in (self.prefilling if pool is None else pool) if s.routing is not None]
         if not routing:
@@ -181,6 +191,7 @@ class Engine:
             state, prompt = seq.routing, seq.request.prompt_ids
             n = int(min(len(prompt) - state.seen, budget))
             budget -= n
+            self._prompt_tokens += n
             if state.seen == 0 and n == len(prompt):
                 whole.append(seq)
                 continue
@@ -210,6 +221,7 @@ class Engine:
             if budget <= 0:
                 break
             n = int(min(len(seq.request.prompt_ids) - seq.prefilled, budget))
+            self._prompt_tokens += n
             seqs.append(seq)
             pieces.append(seq.request.prompt_ids[seq.prefilled : seq.prefilled + n])
             budget -= n
@@ -333,11 +345,17 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Advance every running sequence by one token (steps 1-6 of the class docstring), then
         prefill the next chunk of the prompts coming in; both in one forward per model where the
-        members can pack them (``_packed_step``)."""
+        members can pack them (``_packed_step``). A step that ran sequences is timed for the
+        pacer, with the prompt tokens it carried."""
+        started, running, self._prompt_tokens = time.perf_counter(), bool(self.running), 0
         if self.running and self.prefilling and self.pack_steps:
-            return self._packed_step()
-        events = self._decode() if self.running else []
-        return events + self._prefill_chunk() if self.prefilling else events
+            events = self._packed_step()
+        else:
+            events = self._decode() if self.running else []
+            events = events + self._prefill_chunk() if self.prefilling else events
+        if running:
+            self.pacer.record(time.perf_counter() - started, self._prompt_tokens)
+        return events
 
     def _decode(self) -> list[TokenEvent]:
         last = torch.tensor([s.output_ids[-1] for s in self.running], device=self.device)  # [B]
