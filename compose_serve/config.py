@@ -129,7 +129,7 @@ class EngineSpec(_Strict):
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
     max_queue: Annotated[int, Field(ge=0)] = 256
     max_prefill_tokens: Annotated[int, Field(ge=0)] = 256
-    prefill_slowdown: Annotated[float, Field(gt=0)] | None = 0.5
+    prefill_slowdown: Annotated[float, Field(gt=0)] | None = None
     pack_steps: bool = True
 
 

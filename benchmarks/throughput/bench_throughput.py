@@ -107,10 +107,12 @@ def ties_merge(merge_dir: Path) -> Path:
     return merged_model("ties", merge_dir)
 
 
-def model_configs(merge_dir: Path, folder: Path, max_batch: int) -> dict[str, tuple[str, str]]:
+def model_configs(merge_dir: Path, folder: Path, max_batch: int,
+                  engine_extra: dict | None = None) -> dict[str, tuple[str, str]]:
     """Each model: (the config ``serve --config`` takes, the name it is served under). The merged
-    and siamese compositions are written as YAML files into ``folder``."""
-    engine = {"max_batch": max_batch, "max_queue": 256}
+    composition is written as a YAML file into ``folder``; with ``engine_extra`` (engine fields,
+    e.g. ``prefill_slowdown``) every model is, the built-in ones from their parsed specs."""
+    engine = {"max_batch": max_batch, "max_queue": 256, **(engine_extra or {})}
     specs = {
         "merged": {
             "name": "merged",
@@ -121,6 +123,13 @@ def model_configs(merge_dir: Path, folder: Path, max_batch: int) -> dict[str, tu
     }
     configs = {"base": ("smollm2", "smollm2"), "mixture": ("mixture", "specialists"),
                "routed": ("default", "routed"), "siamese": ("imsm", "imsm-reverse")}
+    if engine_extra:
+        from compose_serve.config import load_composition
+
+        for model, (builtin, _name) in list(configs.items()):
+            spec = load_composition(builtin).model_dump(mode="json")  # paths resolved: it reloads as is
+            spec["engine"] = {**spec["engine"], **engine_extra}
+            specs[model] = spec
     for model, spec in specs.items():
         path = folder / f"{model}.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -279,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         help="folder of throughput_<device>.{json,csv,png}",
     )
     parser.add_argument("--device-name", default="cpu", help="the file name's <device>")
+    parser.add_argument("--prefill-slowdown", default=None,
+                        help="every model's engine.prefill_slowdown ('none': a fixed chunk of max_prefill_tokens; "
+                             "default: each config's own, 0.5)")
     parser.add_argument(
         "--note",
         default="the machine may be shared with other jobs; the load average also counts this "
@@ -295,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     folder = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
-    configs = model_configs(args.merge_dir, folder, max_batch)
+    extra = None
+    if args.prefill_slowdown is not None:
+        slowdown = args.prefill_slowdown
+        extra = {"prefill_slowdown": None if slowdown.lower() in ("none", "null") else float(slowdown)}
+    configs = model_configs(args.merge_dir, folder, max_batch, extra)
     servers: dict[str, tuple] = {}
     rounds: dict[str, dict[int, list[dict]]] = {m: {c: [] for c in levels} for m in args.models}
     round_log: list[dict] = []
@@ -372,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         server_torch_threads=args.torch_threads,
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         max_batch=max_batch,
+        engine_overrides=extra,
         tokens_per_request=args.tokens,
         greedy=True,
         ignore_eos=True,

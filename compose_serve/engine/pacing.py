@@ -16,7 +16,9 @@ both estimates exist the budget is ``min(cap, probe)``; it at most doubles from 
 to the next (at least ``probe``), so one noisy estimate cannot let a whole cap into one step. With no sequence running the budget is the
 cap (``engine.max_prefill_tokens``; 0 means none): nobody waits on the chunk. A step that raised is
 not recorded. The budget changes how a prompt is cut into chunks, never the tokens or log-probs
-(chunked prefill is exact).
+(chunked prefill is exact). Off by default (``engine.prefill_slowdown: null``): on a CPU, where a
+prompt token is dear, it keeps streams smooth under a burst but admits too slowly to keep a
+batch full under steady load (README, the length benchmark).
 """
 
 from __future__ import annotations

@@ -64,10 +64,10 @@ def test_no_slowdown_means_the_fixed_cap_and_zero_cap_means_no_limit():
         StepPacer(slowdown=0.0, cap=64)
 
 
-def test_the_config_field_defaults_to_one_half_and_is_checked():
+def test_the_config_field_defaults_to_a_fixed_budget_and_is_checked():
     body = {"name": "c", "method": "mixture", "members": [{"name": "a", "model": "m"}]}
-    assert parse_composition(body).engine.prefill_slowdown == 0.5
-    assert parse_composition({**body, "engine": {"prefill_slowdown": None}}).engine.prefill_slowdown is None
+    assert parse_composition(body).engine.prefill_slowdown is None
+    assert parse_composition({**body, "engine": {"prefill_slowdown": 0.5}}).engine.prefill_slowdown == 0.5
     with pytest.raises(ConfigError, match="prefill_slowdown"):
         parse_composition({**body, "engine": {"prefill_slowdown": 0}})
 
@@ -75,8 +75,10 @@ def test_the_config_field_defaults_to_one_half_and_is_checked():
 @torch.no_grad()
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "two_forwards"])
 def test_a_step_next_to_a_running_sequence_carries_the_paced_chunk(tiny, pack):
-    spec = parse_composition({"name": "c", "method": "mixture", "members": [{"name": "a", "model": str(tiny["a"])}]})
+    spec = parse_composition({"name": "c", "method": "mixture", "members": [{"name": "a", "model": str(tiny["a"])}],
+                              "engine": {"prefill_slowdown": 0.5}})
     engine = Engine(build_composition(spec), max_batch=2, max_prefill_tokens=64, pack_steps=pack)
+    assert engine.pacer.slowdown == 0.5
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     short = tok.encode("2 + 2 = 4.")
